@@ -1,0 +1,357 @@
+"""CIFAR-10 for the experiments: official python batches, the published split, ZCA whitening.
+
+    python cifar10.py [DATADIR]     # summary of the data set and a PNG montage
+
+Split as published: NL = 40000 training (data_batch_1..4), NV = 10000 validation
+(data_batch_5), NT = 10000 test (test_batch).  Pixels / 255, training mean subtracted,
+then ZCA whitening (epsilon 0.001) fitted on the training images only.
+
+The data live in DATADIR/cifar-10-batches-py/.  DATADIR is the drivers' `datadir`
+setting, else $NNET_DATADIR, else ./data beside these scripts.  Absent data are
+downloaded (official archive, md5-checked).  This module also holds the download
+helpers that mnist.py uses.  It needs numpy only (scipy, if present, speeds up ZCA).
+"""
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+ARCHIVE = 'cifar-10-python.tar.gz'
+ARCHIVE_BYTES = 170498071
+ARCHIVE_MD5 = 'c58f30108f718f92721af3b95e74349a'
+FOLDER = 'cifar-10-batches-py'
+SPLIT_FILES = {'L': ['data_batch_1', 'data_batch_2', 'data_batch_3', 'data_batch_4'],
+               'V': ['data_batch_5'],
+               'T': ['test_batch']}
+CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer',
+           'dog', 'frog', 'horse', 'ship', 'truck')
+XDIM = (3, 32, 32)            # R, G, B planes of 32x32, as the rows are stored
+ZCA_EPSILON = 0.001
+CACHE_VERSION = 1             # bump when the preprocessing code changes its output
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message says how."""
+
+
+def default_datadir():
+    return os.environ.get('NNET_DATADIR') or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), 'data')
+
+
+# ---------------------------------------------------------------- download helpers
+
+def _progress(done, total, start):
+    rate = done / max(time.time() - start, 1e-6) / 1e6
+    if total:
+        msg = '\r  %5.1f%% of %.1f MB (%.1f MB/s)' % (100.0 * done / total, total / 1e6, rate)
+    else:
+        msg = '\r  %.1f MB (%.1f MB/s)' % (done / 1e6, rate)
+    sys.stderr.write(msg)
+    sys.stderr.flush()
+
+
+def md5sum(path):
+    h = hashlib.md5()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(urls, path, md5, nbytes=None):
+    """Fetch the first of `urls` that works to `path` and check its md5.
+
+    Shows progress on stderr.  The file is written as path + '.part' and renamed only
+    once it is complete and verified; a partial file is removed on any failure,
+    Ctrl-C included.  Raises DataError naming the file to put in place by hand.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part = path + '.part'
+    failures = []
+    for url in urls:
+        sys.stderr.write('downloading %s\n' % url)
+        try:
+            h = hashlib.md5()
+            start = time.time()
+            with urllib.request.urlopen(url, timeout=60) as response, open(part, 'wb') as f:
+                total = int(response.headers.get('Content-Length') or nbytes or 0)
+                done = 0
+                for chunk in iter(lambda: response.read(1 << 20), b''):
+                    f.write(chunk)
+                    h.update(chunk)
+                    done += len(chunk)
+                    _progress(done, total, start)
+            sys.stderr.write('\n')
+            if h.hexdigest() != md5:
+                raise DataError('md5 %s, expected %s' % (h.hexdigest(), md5))
+            os.replace(part, path)
+            return path
+        except (OSError, DataError) as e:       # URLError and timeouts are OSErrors
+            sys.stderr.write('\n')
+            failures.append('  %s: %s' % (url, e))
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
+    raise DataError('could not download %s:\n%s\nDownload it by hand (md5 %s) and put it at\n  %s'
+                    % (os.path.basename(path), '\n'.join(failures), md5, os.path.abspath(path)))
+
+
+def extract_tar(archive, dest, folder):
+    """Extract `folder` from a .tar.gz into dest/folder, refusing paths that escape dest.
+
+    Extracts into a temporary folder first and renames it, so an interrupted
+    extraction never leaves a folder that a later run would trust.
+    """
+    tmp = os.path.join(dest, '.%s.extracting' % folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive, 'r:gz') as tar:
+            members = tar.getmembers()
+            root = os.path.realpath(tmp)
+            for m in members:
+                target = os.path.realpath(os.path.join(tmp, m.name))
+                if not (m.isfile() or m.isdir()) or os.path.commonpath([root, target]) != root:
+                    raise DataError('%s: refusing unsafe member %r; delete the archive and retry'
+                                    % (archive, m.name))
+            tar.extractall(tmp, members)
+        if not os.path.isdir(os.path.join(tmp, folder)):
+            raise DataError('%s holds no %s/ folder; delete it and retry' % (archive, folder))
+        os.replace(os.path.join(tmp, folder), os.path.join(dest, folder))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError('%s is damaged (%s); delete it and run again' % (archive, e))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- raw batches
+
+def fetch(datadir):
+    """Make sure datadir/cifar-10-batches-py exists, downloading the archive if needed."""
+    folder = os.path.join(datadir, FOLDER)
+    if os.path.isdir(folder):
+        return folder
+    archive = os.path.join(datadir, ARCHIVE)
+    if not os.path.exists(archive):
+        download([URL], archive, ARCHIVE_MD5, ARCHIVE_BYTES)
+    elif md5sum(archive) != ARCHIVE_MD5:
+        raise DataError('%s has the wrong md5 (expected %s): delete it and run again to download'
+                        % (archive, ARCHIVE_MD5))
+    extract_tar(archive, datadir, FOLDER)
+    return folder
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Python-2 batch pickles; also those re-pickled under numpy 2 (module numpy._core)."""
+
+    def find_class(self, module, name):
+        if module.startswith('numpy._core'):
+            module = 'numpy.core' + module[len('numpy._core'):]
+        return super().find_class(module, name)
+
+
+def load_batch(path):
+    """One batch file -> (uint8 rows (N, 3072), int32 labels (N,)), checked for shape."""
+    remedy = ('delete %s and run again to download it, or put the official file there'
+              % os.path.dirname(path))
+    if not os.path.exists(path):
+        raise DataError('%s is missing: %s' % (path, remedy))
+    try:
+        with open(path, 'rb') as f:
+            batch = _BatchUnpickler(f, encoding='bytes').load()
+    except Exception as e:       # truncated or foreign files fail in many ways
+        raise DataError('%s is truncated or corrupt (%s: %s): %s'
+                        % (path, type(e).__name__, e, remedy))
+    if not isinstance(batch, dict) or b'data' not in batch or b'labels' not in batch:
+        raise DataError('%s is not a CIFAR-10 batch (no data/labels keys): %s' % (path, remedy))
+    data = np.asarray(batch[b'data'])
+    labels = np.asarray(batch[b'labels'])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError('%s: data are %s %s, expected uint8 rows of 3072: %s'
+                        % (path, data.dtype, data.shape, remedy))
+    if labels.shape != (data.shape[0],):
+        raise DataError('%s: %d labels for %d rows: %s' % (path, labels.size, data.shape[0], remedy))
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError('%s: labels outside 0-9: %s' % (path, remedy))
+    return data, labels.astype(np.int32)
+
+
+def load_raw(datadir=None, download_missing=True):
+    """The published split as uint8 rows: {'L': (X, y), 'V': (X, y), 'T': (X, y)}."""
+    datadir = datadir or default_datadir()
+    folder = os.path.join(datadir, FOLDER)
+    if download_missing:
+        folder = fetch(datadir)
+    elif not os.path.isdir(folder):
+        raise DataError('no CIFAR-10 at %s: put the extracted %s/ there' % (folder, FOLDER))
+    splits = {}
+    for name, files in SPLIT_FILES.items():
+        parts = [load_batch(os.path.join(folder, f)) for f in files]
+        splits[name] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    return splits
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def fit_zca(X, epsilon=ZCA_EPSILON):
+    """Mean and ZCA matrix U diag(1/sqrt(s + eps)) U^T of the rows of X (N, D).
+
+    The D x D covariance is one BLAS product in X's precision (float32 is accurate
+    enough with eps = 0.001 and twice as fast); scipy's MRRR eigensolver is about
+    2.5x faster than numpy's here, so it is used when installed.
+    """
+    mean = X.mean(axis=0, dtype=np.float64).astype(X.dtype)
+    Xc = X - mean
+    cov = np.dot(Xc.T, Xc) / X.shape[0]
+    try:
+        import scipy.linalg
+        s, U = scipy.linalg.eigh(cov, driver='evr', overwrite_a=True)
+    except ImportError:
+        s, U = np.linalg.eigh(cov)
+    s = np.clip(s, 0, None)
+    W = np.dot(U * (1.0 / np.sqrt(s + epsilon)).astype(X.dtype), U.T)
+    return mean, W.astype(X.dtype)
+
+
+def _cache_key(raw, epsilon, dtype):
+    h = hashlib.sha1(('cifar10-zca v%d eps=%r %s' % (CACHE_VERSION, epsilon, dtype)).encode())
+    for name in sorted(raw):
+        h.update(np.ascontiguousarray(raw[name][0]).data)
+    return h.hexdigest()
+
+
+def _save_cache(path, arrays, meta):
+    """Write the cache folder atomically: complete or absent, never half-written."""
+    tmp = path + '.tmp%d' % os.getpid()
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        for name, a in arrays.items():
+            np.save(os.path.join(tmp, name + '.npy'), a)
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+            json.dump(meta, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_cache_writers = []
+
+
+def flush_cache():
+    """Wait for cache files still being written in the background."""
+    while _cache_writers:
+        _cache_writers.pop().join()
+
+
+def _load_cache(path, key):
+    try:
+        with open(os.path.join(path, 'meta.json')) as f:
+            if json.load(f).get('key') != key:
+                return None
+        return {n: np.load(os.path.join(path, n + '.npy')) for n in ('mean', 'zca', 'L', 'V', 'T')}
+    except (OSError, ValueError):
+        return None
+
+
+def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=True, log=None):
+    """The preprocessed split: dict with 'L', 'V', 'T' -> (X (N, 3072) dtype, y int32).
+
+    Rows reshape to (N, 3, 32, 32) in R, G, B plane order.  With zca=False only the
+    training mean is subtracted.  The ZCA fit and the whitened rows are cached under
+    datadir/cache/, keyed by a hash of the pixels, epsilon and dtype, so a second
+    run skips the fit and a changed data set or epsilon is never served stale.
+    `log`, if given, is called with one line on what happened.
+    """
+    datadir = datadir or default_datadir()
+    start = time.time()
+    raw = load_raw(datadir)
+    labels = {name: y for name, (X, y) in raw.items()}
+    if not zca:
+        X = {name: X.astype(dtype) / np.asarray(255, dtype) for name, (X, y) in raw.items()}
+        mean = X['L'].mean(axis=0, dtype=np.float64).astype(dtype)
+        data = {name: (x - mean, labels[name]) for name, x in X.items()}
+        log and log('data: mean subtracted, no ZCA (%.1f s)' % (time.time() - start))
+        return data
+    key = _cache_key(raw, epsilon, dtype)
+    path = os.path.join(datadir, 'cache', 'cifar10-zca-' + key[:16])
+    cached = _load_cache(path, key) if cache else None
+    if cached is None:
+        X = {name: X.astype(dtype) / np.asarray(255, dtype) for name, (X, y) in raw.items()}
+        mean, W = fit_zca(X['L'], epsilon)
+        cached = {'mean': mean, 'zca': W}
+        for name, x in X.items():
+            x -= mean
+            cached[name] = np.dot(x, W)
+        if cache:   # ~2 s of writing overlaps the start of training (numpy drops the GIL)
+            writer = threading.Thread(target=_save_cache, name='zca-cache-writer', args=(
+                path, cached, {'key': key, 'epsilon': epsilon, 'dtype': str(dtype)}))
+            writer.start()
+            _cache_writers.append(writer)
+        how = 'fitted on the %d training images%s' % (len(X['L']), ', caching' if cache else '')
+    else:
+        how = 'from cache %s' % path
+    log and log('data: ZCA (eps %g) %s (%.1f s)' % (epsilon, how, time.time() - start))
+    return {name: (cached[name], labels[name]) for name in ('L', 'V', 'T')}
+
+
+# ---------------------------------------------------------------- python cifar10.py
+
+def montage(X, y, per_class=10):
+    """First `per_class` images of each class as one (10*33, per_class*33, 3) RGB array in [0, 1]."""
+    tile = np.ones((len(CLASSES) * 33, per_class * 33, 3))
+    for k in range(len(CLASSES)):
+        for j, i in enumerate(np.flatnonzero(y == k)[:per_class]):
+            im = X[i].reshape(XDIM).transpose(1, 2, 0).astype(np.float64)   # planes -> HxWx3
+            im = (im - im.min()) / max(im.max() - im.min(), 1e-12)
+            tile[k * 33:k * 33 + 32, j * 33:j * 33 + 32] = im
+    return tile
+
+
+def main(argv):
+    datadir = argv[1] if len(argv) > 1 else default_datadir()
+    raw = load_raw(datadir)
+    print('# CIFAR-10 at %s' % os.path.join(datadir, FOLDER))
+    print('# split  rows   ' + ' '.join('%6s' % c[:6] for c in CLASSES))
+    for name, (X, y) in raw.items():
+        print('#   %s  %6d  %s' % (name, len(y), ' '.join('%6d' % n for n in np.bincount(y, minlength=10))))
+    data = load(datadir, log=print)
+    for name, (X, y) in data.items():
+        print('#   %s  whitened values %.3f .. %.3f, mean %.3g, std %.3f'
+              % (name, X.min(), X.max(), X.mean(), X.std()))
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('# no matplotlib: skipping the montage (pip install matplotlib)')
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.6))
+    for ax, X, title in ((axes[0], raw['L'][0], 'raw'), (axes[1], data['L'][0], 'ZCA-whitened')):
+        ax.imshow(montage(X, raw['L'][1]), interpolation='nearest')
+        ax.set_title('first 10 training images of each class, %s' % title)
+        ax.set_yticks(np.arange(len(CLASSES)) * 33 + 16)
+        ax.set_yticklabels(CLASSES)
+        ax.set_xticks([])
+    fig.tight_layout()
+    out = os.path.join(datadir, 'cifar10_montage.png')
+    fig.savefig(out, dpi=80)
+    print('# wrote %s' % out)
+
+
+if __name__ == '__main__':
+    try:
+        main(sys.argv)
+    except DataError as e:
+        sys.exit('error: %s' % e)

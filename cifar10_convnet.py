@@ -1,0 +1,82 @@
+"""The published CIFAR-10 experiment: Conv-Pool-ReLU-Softmax trained with SGD.
+
+    python cifar10_convnet.py                               # CPU, the published run
+    THEANO_FLAGS='device=cuda' python cifar10_convnet.py    # the same on the GPU
+    python cifar10_convnet.py --W1dim="(64,5,5)" --st1="(2,2)" --H3=1000
+
+Edit the settings below, or override any of them as --name=value (Python literals).
+Prints the published log; appends a record of the run to runs/results.jsonl and saves
+the trained parameters as runs/cifar10_convnet-<time>.npz.
+"""
+import time
+_t_start = time.time()                  # the log's total explains what `time` shows
+
+import os                               # noqa: E402
+import sys                              # noqa: E402
+
+# ---- settings (the published run); names follow the published log
+W1dim = (16, 5, 5)       # conv filters: count, height, width (input 3 x 32 x 32, stride 1, no padding)
+ds1 = (4, 4)             # max-pool window
+st1 = None               # pool stride; None = the window (no overlap), (2, 2) overlaps a 4x4 window
+H2 = 1000                # ReLU units after the conv-pool stage
+H3 = None                # a second ReLU layer of that many units, or None
+eta = 0.01               # learning rate
+mu = 0.9                 # momentum
+lam = 0.0001             # weight decay, on W only
+batchsize = 100
+nepoch = 50
+ZCAwhitening = True
+seed = 0                 # weight initialisation
+datadir = None           # holds cifar-10-batches-py/; None: $NNET_DATADIR, else ./data here
+outdir = 'runs'          # results.jsonl and the saved parameters
+
+import nnet                             # noqa: E402  (sets Theano's flags before importing it)
+
+config = nnet.config_names(globals())
+nnet.apply_overrides(globals(), config, sys.argv[1:])
+
+import numpy as np                      # noqa: E402
+import cifar10                          # noqa: E402
+import convnet                          # noqa: E402
+
+
+def main():
+    info = nnet.run_info()
+    print('# %s | floatX %s | Theano %s | numpy %s | BLAS %s | THEANO_FLAGS=%s'
+          % (info['device'], info['floatX'], info['theano'], info['numpy'], info['blas'],
+             info['THEANO_FLAGS']))
+    for note in nnet.THEANO_NOTES:
+        print('# ' + note)
+    try:
+        data = cifar10.load(datadir, zca=ZCAwhitening, dtype=nnet.floatX,
+                            log=lambda line: print('# ' + line, flush=True))
+    except cifar10.DataError as e:
+        sys.exit('error: %s' % e)
+    t_data = time.time() - _t_start
+
+    net = convnet.CNN(np.random.RandomState(seed), cifar10.XDIM, [(W1dim[0], W1dim[1:], ds1, st1)],
+                      [h for h in (H2, H3) if h], len(cifar10.CLASSES))
+    print('### Conv-Pool-ReLu-Softmax   Xdim:', cifar10.XDIM)
+    print('#   W1dim:', W1dim, ' ds1:', ds1, ' st1:', st1, ' H1:', net.H1)
+    print('#   H2:', H2, *(['  H3:', H3] if H3 else []))
+    print('# eta = ', eta, ' mu = ', mu, ' lam = ', lam)
+    print('# ZCAwhitening = ', ZCAwhitening)
+    print('### training:   NL = ', len(data['L'][1]), ' NV = ', len(data['V'][1]),
+          ' K = ', len(cifar10.CLASSES), ' batchsize = ', batchsize, flush=True)
+
+    trainer = nnet.Trainer(net, data, batchsize, eta, mu, lam, input_shape=cifar10.XDIM)
+    nnet.require_gpu_if_asked(trainer)
+    print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
+
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    record = dict(script='cifar10_convnet', settings={k: globals()[k] for k in config}, H1=net.H1,
+                  data_dir=os.path.abspath(datadir or cifar10.default_datadir()),
+                  seconds={'data': t_data, 'compile': trainer.compile_seconds}, **info)
+    status = nnet.train_and_log(trainer, nepoch, record, _t_start,
+                                os.path.join(outdir, 'cifar10_convnet-%s.npz' % stamp),
+                                os.path.join(outdir, 'results.jsonl'))
+    return {'completed': 0, 'interrupted': 130}.get(status, 1)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

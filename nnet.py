@@ -1,0 +1,377 @@
+"""Neural-net building blocks in Theano: layers, networks, SGD training, and the drivers' plumbing.
+
+Import this module before Theano: it first fills in the Theano flags a current machine
+needs (see theano_defaults), so that `import theano` works out of the box.
+
+    FullLayer        dense layer, W and optional bias b, linear / ReLU / softmax
+    Network, MLP     a stack of layers; flat params, weight-decayed params
+    Trainer          whole splits in theano.shared, minibatches picked by index inside
+                     the compiled functions, SGD with momentum and weight decay
+    the drivers' common parts: --name=value overrides, the published log, results records
+"""
+import ast
+import configparser
+import ctypes.util
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+
+
+def _user_flags():
+    """The Theano flags the user set, as {name: value}, from THEANO_FLAGS and .theanorc files."""
+    flags = {}
+    rc = os.environ.get('THEANORC', '~/.theanorc:~/.theanorc.txt')
+    parser = configparser.ConfigParser()
+    parser.read([os.path.expanduser(p) for p in rc.split(os.pathsep) if p])
+    for section in parser.sections():
+        for key, value in parser.items(section):
+            flags[key if section == 'global' else section + '.' + key] = value
+    for item in os.environ.get('THEANO_FLAGS', '').split(','):
+        if '=' in item:
+            key, value = item.split('=', 1)
+            flags[key.strip()] = value.strip()
+    return flags
+
+
+def theano_defaults():
+    """Add the flags that Theano 1.0.5 needs today to THEANO_FLAGS, never overriding the user's.
+
+    - blas.ldflags: Theano reads numpy's BLAS description, which current numpy wheels
+      no longer carry, and fails at import.  Use the system OpenBLAS when there is one
+      (apt-get install libopenblas-dev); else Theano's slow numpy-C-API fallback.
+    - floatX=float32: what GPUs compute in, and twice as fast as float64 on the CPU.
+    - openmp=True: Theano's C ops (convolution, pooling, elementwise) then use all cores.
+    Returns the notes for the log, one string per decision.
+    """
+    user = _user_flags()
+    added, notes = [], []
+    if 'blas.ldflags' not in user:
+        if ctypes.util.find_library('openblas'):
+            added.append('blas.ldflags=-lopenblas')
+            notes.append('blas.ldflags=-lopenblas (system OpenBLAS, chosen automatically)')
+        else:
+            added.append('blas.ldflags=')
+            notes.append('WARNING: no OpenBLAS found, Theano uses its slow numpy fallback for '
+                         'BLAS: install libopenblas-dev (Debian/Ubuntu) or set blas.ldflags')
+    for flag, value in (('floatX', 'float32'), ('openmp', 'True')):
+        if flag not in user:
+            added.append('%s=%s' % (flag, value))
+    if added:
+        os.environ['THEANO_FLAGS'] = ','.join(filter(None, [os.environ.get('THEANO_FLAGS', '')] + added))
+    return notes
+
+
+THEANO_NOTES = theano_defaults()
+
+import numpy as np                                   # noqa: E402  (after the flags are set)
+import theano                                        # noqa: E402
+import theano.tensor as T                            # noqa: E402
+
+floatX = theano.config.floatX
+
+
+# ---------------------------------------------------------------- layers
+
+ACTIVATIONS = {'linear': lambda a: a, 'relu': T.nnet.relu, 'softmax': T.nnet.softmax}
+GAINS = {'linear': 1.0, 'relu': np.sqrt(2.0), 'softmax': 1.0}
+
+
+def normal_weights(rng, shape, fan_in, activation):
+    """Zero-mean normal with std gain / sqrt(fan_in): gain sqrt(2) before a ReLU, else 1.
+
+    The published W are zero-mean normal of an unrecorded scale; this one keeps the
+    activations' variance about constant from layer to layer (He et al., 2015).
+    """
+    return theano.shared(rng.normal(0.0, GAINS[activation] / np.sqrt(fan_in), shape).astype(floatX))
+
+
+class FullLayer:
+    """Fully connected: activation(x W + b); with bias=False no b is created at all."""
+
+    def __init__(self, rng, n_in, n_out, activation='relu', bias=True):
+        self.W = normal_weights(rng, (n_in, n_out), n_in, activation)
+        self.b = theano.shared(np.zeros(n_out, floatX)) if bias else None
+        self.activation = activation
+        self.params = [self.W] + ([self.b] if bias else [])
+        self.decay = [self.W]
+        self.output_shape = (n_out,)
+
+    def output(self, x):
+        a = T.dot(x, self.W)
+        return ACTIVATIONS[self.activation](a + self.b if self.b is not None else a)
+
+
+class Network:
+    """A stack of layers, each with .output(x), .params, .decay (weights to decay) and .output_shape."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        for i, layer in enumerate(layers):
+            for p in layer.params:
+                p.name = '%s%d' % ('W' if any(p is w for w in layer.decay) else 'b', i + 1)
+        self.params = [p for layer in layers for p in layer.params]
+        self.decay = [p for layer in layers for p in layer.decay]
+
+    def output(self, x):
+        for layer in self.layers:
+            x = layer.output(x)
+        return x
+
+    def save(self, path, settings):
+        """Parameters as plain arrays in a .npz with the settings (JSON), written atomically."""
+        arrays = {'%02d_%s' % (i, p.name): p.get_value() for i, p in enumerate(self.params)}
+        tmp = path + '.tmp.npz'
+        np.savez(tmp, settings=json.dumps(settings, default=str), **arrays)
+        os.replace(tmp, path)
+
+    def load(self, path):
+        """Set the parameters from a .npz written by save(); returns its settings."""
+        with np.load(path) as f:
+            names = sorted(k for k in f.files if k != 'settings')
+            if len(names) != len(self.params):
+                raise ValueError('%s holds %d parameters, this network has %d'
+                                 % (path, len(names), len(self.params)))
+            for name, p in zip(names, self.params):
+                if f[name].shape != p.get_value(borrow=True).shape:
+                    raise ValueError('%s: %s has shape %s, the network expects %s'
+                                     % (path, name, f[name].shape, p.get_value(borrow=True).shape))
+                p.set_value(f[name].astype(floatX))
+            return json.loads(str(f['settings']))
+
+
+class MLP(Network):
+    """Fully connected ReLU layers of the sizes in `hidden`, then a softmax over K classes."""
+
+    def __init__(self, rng, n_in, hidden, K):
+        sizes = [n_in] + list(hidden)
+        layers = [FullLayer(rng, a, b, 'relu') for a, b in zip(sizes[:-1], sizes[1:])]
+        super().__init__(layers + [FullLayer(rng, sizes[-1], K, 'softmax')])
+
+
+# ---------------------------------------------------------------- cost and training
+
+def cost_terms(p_y, y):
+    """Summed cross-entropy and number correct of class probabilities p_y against integer labels.
+
+    categorical_crossentropy(softmax(.), int labels) is what Theano rewrites into its fused,
+    numerically stable CrossentropySoftmaxArgmax1HotWithBias op (one-hot float targets, as
+    first tried in the original work, gave NaN).
+    """
+    return T.nnet.categorical_crossentropy(p_y, y).sum(), T.eq(T.argmax(p_y, axis=1), y).sum()
+
+
+class TrainingDiverged(Exception):
+    pass
+
+
+class Trainer:
+    """SGD with momentum and weight decay for a Network, over splits held in theano.shared.
+
+    All splits sit in one shared matrix (on the GPU with device=cuda) and the compiled
+    functions take row bounds, so no data cross the bus per minibatch.  That needs
+    (NL + NV + NT) x D floats of device memory: 737 MB for CIFAR-10, far below any
+    current GPU; a data set that does not fit would have to be fed in chunks.
+
+    Update, for every parameter, with decay (lam) on the weights W only:
+        dW <- -eta * (dE/dW + lam * W) + mu * dW;   W <- W + dW
+    eta, mu and lam are shared scalars: change them between epochs without recompiling.
+    """
+
+    def __init__(self, net, data, batchsize, eta, mu, lam, input_shape=None):
+        self.net, self.batchsize = net, batchsize
+        self.bounds, start = {}, 0
+        for name, (X, y) in data.items():
+            self.bounds[name] = (start, start + len(y))
+            start += len(y)
+        self.X = theano.shared(np.concatenate([np.asarray(X, floatX) for X, y in data.values()]), 'X')
+        self.y = theano.shared(np.concatenate([np.asarray(y, 'int32') for X, y in data.values()]), 'y')
+        self.eta = theano.shared(np.asarray(eta, floatX), 'eta')
+        self.mu = theano.shared(np.asarray(mu, floatX), 'mu')
+        self.lam = theano.shared(np.asarray(lam, floatX), 'lam')
+
+        start, stop = T.lscalars('start', 'stop')
+        x, y = T.matrix('x'), T.ivector('y')
+        xin = x.reshape((x.shape[0],) + tuple(input_shape)) if input_shape else x
+        sum_cost, ncorrect = cost_terms(net.output(xin), y)
+        givens = {x: self.X[start:stop], y: self.y[start:stop]}
+        grads = T.grad(sum_cost / x.shape[0].astype(floatX), net.params)
+        updates = []
+        for p, g in zip(net.params, grads):
+            v = theano.shared(np.zeros_like(p.get_value()), 'd' + p.name)
+            if any(p is w for w in net.decay):
+                g = g + self.lam * p
+            v_new = -self.eta * g + self.mu * v
+            updates += [(v, v_new), (p, p + v_new)]
+        t0 = time.time()
+        self.train_fn = theano.function([start, stop], [sum_cost, ncorrect], updates=updates,
+                                        givens=givens, name='train')
+        self.eval_fn = theano.function([start, stop], [sum_cost, ncorrect], givens=givens, name='eval')
+        self.compile_seconds = time.time() - t0
+
+    def batches(self, split):
+        first, end = self.bounds[split]
+        return [(i, min(i + self.batchsize, end)) for i in range(first, end, self.batchsize)]
+
+    def _sweep(self, fn, split, what):
+        total_cost = total_correct = 0.0
+        for b, (i, j) in enumerate(self.batches(split)):
+            cost, correct = fn(i, j)
+            if not np.isfinite(cost):
+                raise TrainingDiverged('cost became %s in %s, minibatch %d: lower eta or check the data'
+                                       % (cost, what, b))
+            total_cost += float(cost)
+            total_correct += float(correct)
+        n = self.bounds[split][1] - self.bounds[split][0]
+        return total_cost / n, 100.0 * total_correct / n
+
+    def train_epoch(self, split='L', what='training'):
+        """One pass of SGD; returns the pass's own mean cost and % correct (no second pass)."""
+        return self._sweep(self.train_fn, split, what)
+
+    def evaluate(self, split):
+        """Mean cost and % correct over a split, in minibatches (a short last one is weighted right)."""
+        return self._sweep(self.eval_fn, split, 'evaluating ' + split)
+
+    def uses_gpu(self):
+        return any(type(node.op).__module__.startswith('theano.gpuarray')
+                   for node in self.train_fn.maker.fgraph.apply_nodes)
+
+
+# ---------------------------------------------------------------- the drivers' common parts
+
+def config_names(namespace):
+    """The hyperparameters of a driver: its public globals of plain types, in order."""
+    return [k for k, v in namespace.items() if not k.startswith('_')
+            and isinstance(v, (bool, int, float, str, tuple, type(None)))]
+
+
+def apply_overrides(namespace, names, argv):
+    """Apply --name=value arguments to the driver's globals; values are Python literals.
+
+    Unknown names are rejected with the list of valid ones; each override is printed.
+    """
+    for arg in argv:
+        m = re.match(r'--(\w+)=(.*)$', arg, re.S)
+        if not m or m.group(1) not in names:
+            sys.exit('error: %r is not a setting; use --name=value with a name from:\n  %s'
+                     % (arg, '  '.join('%s=%r' % (k, namespace[k]) for k in names)))
+        name, text = m.groups()
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text                                  # a bare string such as a path
+        old = namespace[name]
+        if isinstance(old, (bool, str, tuple)) and type(value) is not type(old):
+            sys.exit('error: --%s needs a %s like %r, got %r' % (name, type(old).__name__, old, text))
+        if isinstance(old, (int, float)) and not isinstance(old, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            sys.exit('error: --%s needs a number like %r, got %r' % (name, old, text))
+        if isinstance(old, float):
+            value = float(value)
+        namespace[name] = value
+        print('# override: %s = %r' % (name, value))
+
+
+def blas_description():
+    flags = theano.config.blas.ldflags
+    if 'openblas' in flags:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library('openblas'))
+            lib.openblas_get_config.restype = ctypes.c_char_p
+            return 'OpenBLAS %s (%s)' % (lib.openblas_get_config().decode().split()[1], flags)
+        except (OSError, AttributeError, IndexError):
+            pass
+    return flags or "numpy C-API fallback (blas.ldflags='')"
+
+
+def device_description():
+    device = theano.config.device
+    if device.startswith('cuda') or device.startswith('gpu'):
+        try:
+            from theano.gpuarray.type import get_context
+            return '%s (%s)' % (get_context(None).devname, device)
+        except Exception:
+            return device + ' (not initialised)'
+    model = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            model = re.search(r'model name\s*:\s*(.*)', f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return 'cpu: %s, %d cores' % (model, os.cpu_count())
+
+
+def run_info():
+    """What the log's first line and the results record say about where and how this ran."""
+    return {'device': device_description(), 'floatX': floatX, 'theano': theano.__version__,
+            'numpy': np.__version__, 'blas': blas_description(), 'python': platform.python_version(),
+            'THEANO_FLAGS': os.environ.get('THEANO_FLAGS', ''),
+            'host': platform.node(), 'date': datetime.datetime.now().isoformat(timespec='seconds')}
+
+
+def require_gpu_if_asked(trainer):
+    """Theano falls back to the CPU silently when the GPU cannot start: refuse to run mislabelled."""
+    device = theano.config.device
+    if not (device.startswith('cuda') or device.startswith('gpu')) or trainer.uses_gpu():
+        return
+    try:
+        import pygpu  # noqa: F401
+        cause = 'pygpu imports, but the GPU did not initialise (see the ERROR line above: driver, libcuda, nvrtc)'
+    except ImportError as e:
+        cause = 'pygpu is not installed (%s): install libgpuarray/pygpu, see the README' % e
+    sys.exit('error: THEANO_FLAGS asks for %s, but the compiled training function has no GPU op: %s'
+             % (device, cause))
+
+
+def should_log(epoch):
+    return epoch <= 5 or epoch % 10 == 0
+
+
+def train_and_log(trainer, nepoch, record, t_start, params_path, results_path):
+    """The published training loop and log rows; ends by writing the record and the parameters.
+
+    Rows `epoch | costL accL | costV accV | seconds` at epochs 0-5 and every 10th and the
+    last; the training figures of epoch >= 1 come from the training pass itself.  On
+    Ctrl-C or a diverging cost the record (marked as such) and the parameters so far are
+    still written.  `record` holds the settings and seconds so far; t_start is the
+    script's start, so the total explains what `time` shows.  Returns the status.
+    """
+    t0 = time.time()
+    record['epochs'] = epochs = []
+    status = 'completed'
+    try:
+        for epoch in range(nepoch + 1):
+            if epoch == 0:
+                costL, accL = trainer.evaluate('L')
+            else:
+                costL, accL = trainer.train_epoch('L', 'epoch %d' % epoch)
+            if should_log(epoch) or epoch == nepoch:
+                costV, accV = trainer.evaluate('V')
+                epochs.append([epoch, costL, accL, costV, accV, time.time() - t0])
+                print('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(epochs[-1]), flush=True)
+        print('# NT = ', trainer.bounds['T'][1] - trainer.bounds['T'][0])
+        costT, accT = trainer.evaluate('T')
+        record['test'] = [costT, accT]
+        print('%d | %.6f %.2f | %.6f %.2f | %.6f %.2f *' % (nepoch, costL, accL, costV, accV, costT, accT))
+    except KeyboardInterrupt:
+        status = 'interrupted'
+        print('# interrupted at epoch %d: saving what there is' % epoch)
+    except TrainingDiverged as e:
+        status = 'diverged'
+        print('# stopped: %s' % e)
+    record['status'] = status
+    record['seconds']['train'] = time.time() - t0
+    record['seconds']['total'] = time.time() - t_start
+    s = record['seconds']
+    print('# seconds: data %.1f  compile %.1f  train %.1f  total %.1f'
+          % (s['data'], s['compile'], s['train'], s['total']))
+    os.makedirs(os.path.dirname(os.path.abspath(params_path)), exist_ok=True)
+    trainer.net.save(params_path, dict(record['settings'], status=status))
+    with open(results_path, 'a') as f:             # one line, appended whole: old lines stay intact
+        f.write(json.dumps(record, default=str) + '\n')
+    print('# parameters: %s\n# record appended to %s' % (params_path, results_path))
+    return status
