@@ -41,12 +41,7 @@ import convnet                          # noqa: E402
 
 
 def main():
-    info = nnet.run_info()
-    print('# %s | floatX %s | Theano %s | numpy %s | BLAS %s | THEANO_FLAGS=%s'
-          % (info['device'], info['floatX'], info['theano'], info['numpy'], info['blas'],
-             info['THEANO_FLAGS']))
-    for note in nnet.THEANO_NOTES:
-        print('# ' + note)
+    info = nnet.print_run_info()
     try:
         data = cifar10.load(datadir, zca=ZCAwhitening, dtype=nnet.floatX,
                             log=lambda line: print('# ' + line, flush=True))
@@ -68,14 +63,8 @@ def main():
     nnet.require_gpu_if_asked(trainer)
     print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
 
-    stamp = time.strftime('%Y%m%d-%H%M%S')
-    record = dict(script='cifar10_convnet', settings={k: globals()[k] for k in config}, H1=net.H1,
-                  data_dir=os.path.abspath(datadir or cifar10.default_datadir()),
-                  seconds={'data': t_data, 'compile': trainer.compile_seconds}, **info)
-    status = nnet.train_and_log(trainer, nepoch, record, _t_start,
-                                os.path.join(outdir, 'cifar10_convnet-%s.npz' % stamp),
-                                os.path.join(outdir, 'results.jsonl'))
-    return {'completed': 0, 'interrupted': 130}.get(status, 1)
+    return nnet.train_and_log(trainer, nepoch, 'cifar10_convnet', {k: globals()[k] for k in config}, info,
+                              outdir, _t_start, t_data, H1=net.H1, data_dir=os.path.abspath(datadir or cifar10.default_datadir()))
 
 
 if __name__ == '__main__':

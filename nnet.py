@@ -331,15 +331,30 @@ def should_log(epoch):
     return epoch <= 5 or epoch % 10 == 0
 
 
-def train_and_log(trainer, nepoch, record, t_start, params_path, results_path):
-    """The published training loop and log rows; ends by writing the record and the parameters.
+def print_run_info():
+    """The log's first lines: where and how this runs.  Returns run_info()."""
+    info = run_info()
+    print('# %s | floatX %s | Theano %s | numpy %s | BLAS %s | THEANO_FLAGS=%s'
+          % (info['device'], info['floatX'], info['theano'], info['numpy'], info['blas'],
+             info['THEANO_FLAGS']))
+    for note in THEANO_NOTES:
+        print('# ' + note)
+    return info
 
-    Rows `epoch | costL accL | costV accV | seconds` at epochs 0-5 and every 10th and the
-    last; the training figures of epoch >= 1 come from the training pass itself.  On
-    Ctrl-C or a diverging cost the record (marked as such) and the parameters so far are
-    still written.  `record` holds the settings and seconds so far; t_start is the
-    script's start, so the total explains what `time` shows.  Returns the status.
+
+def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_data, **extra):
+    """The published training loop and log; ends by writing the record and the parameters.
+
+    Rows `epoch | costL accL | costV accV | seconds` at epochs 0-5, every 10th and the
+    last; the training figures of epoch >= 1 come from the training pass itself.  Then
+    one JSON line appended to outdir/results.jsonl (settings, info, every logged row,
+    test figures, data/compile/train/total seconds; t_start is the script's start, so
+    the total explains what `time` shows) and the parameters in outdir/SCRIPT-TIME.npz.
+    On Ctrl-C or a diverging cost both are still written, marked as such.
+    Returns the exit code: 0, 130 after Ctrl-C, 1 after divergence.
     """
+    record = dict(script=script, settings=settings, **extra, **info)
+    record['seconds'] = {'data': t_data, 'compile': trainer.compile_seconds}
     t0 = time.time()
     record['epochs'] = epochs = []
     status = 'completed'
@@ -369,9 +384,12 @@ def train_and_log(trainer, nepoch, record, t_start, params_path, results_path):
     s = record['seconds']
     print('# seconds: data %.1f  compile %.1f  train %.1f  total %.1f'
           % (s['data'], s['compile'], s['train'], s['total']))
-    os.makedirs(os.path.dirname(os.path.abspath(params_path)), exist_ok=True)
-    trainer.net.save(params_path, dict(record['settings'], status=status))
+    os.makedirs(outdir, exist_ok=True)
+    params_path = os.path.join(outdir, '%s-%s.npz' % (script, time.strftime('%Y%m%d-%H%M%S')))
+    results_path = os.path.join(outdir, 'results.jsonl')
+    record['params'] = params_path
+    trainer.net.save(params_path, dict(settings, status=status))
     with open(results_path, 'a') as f:             # one line, appended whole: old lines stay intact
         f.write(json.dumps(record, default=str) + '\n')
     print('# parameters: %s\n# record appended to %s' % (params_path, results_path))
-    return status
+    return {'completed': 0, 'interrupted': 130}.get(status, 1)

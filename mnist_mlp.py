@@ -1,0 +1,64 @@
+"""The MNIST MLP experiment: two ReLU hidden layers and a softmax, trained with SGD.
+
+    python mnist_mlp.py                               # CPU
+    THEANO_FLAGS='device=cuda' python mnist_mlp.py    # GPU
+    python mnist_mlp.py --H2=500 --nepoch=10
+
+Edit the settings below or override them as --name=value, as in cifar10_convnet.py.
+"""
+import time
+_t_start = time.time()
+
+import os                               # noqa: E402
+import sys                              # noqa: E402
+
+# ---- settings: the original MNIST run.  Its GPU post did not record the layer sizes;
+# ---- two ReLU layers of 1000 units are our choice.
+H1 = 1000                # first ReLU layer
+H2 = 1000                # second ReLU layer, or None for one hidden layer
+eta = 0.1
+mu = 0.9
+lam = 0.0
+batchsize = 100
+nepoch = 50
+seed = 0
+datadir = None           # holds mnist/*.gz; None: $NNET_DATADIR, else ./data here
+outdir = 'runs'
+
+import nnet                             # noqa: E402  (sets Theano's flags before importing it)
+
+config = nnet.config_names(globals())
+nnet.apply_overrides(globals(), config, sys.argv[1:])
+
+import numpy as np                      # noqa: E402
+import cifar10                          # noqa: E402
+import mnist                            # noqa: E402
+
+
+def main():
+    info = nnet.print_run_info()
+    try:
+        data = mnist.load(datadir, dtype=nnet.floatX)
+    except cifar10.DataError as e:
+        sys.exit('error: %s' % e)
+    t_data = time.time() - _t_start
+
+    hidden = [h for h in (H1, H2) if h]
+    net = nnet.MLP(np.random.RandomState(seed), 784, hidden, 10)
+    print('### ' + 'ReLu-' * len(hidden) + 'Softmax   Xdim: 784  ' + '  '.join(
+        'H%d: %d' % (i + 1, h) for i, h in enumerate(hidden)))
+    print('# eta = ', eta, ' mu = ', mu, ' lam = ', lam)
+    print('### training:   NL = ', len(data['L'][1]), ' NV = ', len(data['V'][1]),
+          ' K = ', 10, ' batchsize = ', batchsize, flush=True)
+
+    trainer = nnet.Trainer(net, data, batchsize, eta, mu, lam)
+    nnet.require_gpu_if_asked(trainer)
+    print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
+
+    return nnet.train_and_log(trainer, nepoch, 'mnist_mlp', {k: globals()[k] for k in config}, info,
+                              outdir, _t_start, t_data,
+                              data_dir=os.path.abspath(datadir or cifar10.default_datadir()))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Shared fixtures: small data sets written in the official formats, and Theano's strict flags.
+
+No test downloads anything.  Theano is told to raise on optimizer and shape errors
+before any test module imports it (subprocesses inherit the flags).
+"""
+import gzip
+import os
+import pickle
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ['THEANO_FLAGS'] = ','.join(filter(None, [
+    os.environ.get('THEANO_FLAGS', ''), 'on_opt_error=raise', 'on_shape_error=raise']))
+SHARED = os.path.join(ROOT, '..', 'shared')
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 `str` (BINSTRING), as the official CIFAR-10 batches do."""
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_bytes(self, obj):
+        header = (pickle.SHORT_BINSTRING + bytes([len(obj)]) if len(obj) < 256
+                  else pickle.BINSTRING + struct.pack('<i', len(obj)))
+        self.write(header + obj)
+        self.memoize(obj)
+    dispatch[bytes] = save_bytes
+
+
+def write_py2_pickle(obj, path):
+    with open(path, 'wb') as f:
+        Py2Pickler(f, protocol=2).dump(obj)
+
+
+def make_cifar(datadir, rows=100, seed=0, learnable=False):
+    """datadir/cifar-10-batches-py with `rows` images a batch; returns {file: (data, labels)}.
+
+    learnable=True makes each class a coloured blob at its own place, so that a small
+    network can learn it.
+    """
+    rng = np.random.RandomState(seed)
+    folder = os.path.join(datadir, 'cifar-10-batches-py')
+    os.makedirs(folder, exist_ok=True)
+    batches = {}
+    for i, name in enumerate(['data_batch_%d' % b for b in range(1, 6)] + ['test_batch']):
+        labels = rng.randint(0, 10, rows)
+        data = rng.randint(0, 256, (rows, 3072)).astype(np.uint8)
+        if learnable:
+            images = data.reshape(rows, 3, 32, 32) // 4
+            for r, k in enumerate(labels):
+                images[r, k % 3, 3 * k:3 * k + 8, 3 * k:3 * k + 8] = 250
+            data = images.reshape(rows, 3072)
+        write_py2_pickle({b'batch_label': name.encode(), b'labels': [int(k) for k in labels],
+                          b'data': data, b'filenames': [b'x.png'] * rows},
+                         os.path.join(folder, name))
+        batches[name] = (data, labels)
+    write_py2_pickle({b'num_cases_per_batch': rows, b'num_vis': 3072,
+                      b'label_names': [b'airplane'] * 10}, os.path.join(folder, 'batches.meta'))
+    return batches
+
+
+def write_idx(path, array):
+    header = struct.pack('>BBBB', 0, 0, 8, array.ndim) + b''.join(struct.pack('>I', n) for n in array.shape)
+    with gzip.open(path, 'wb') as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_mnist(datadir, ntrain=600, ntest=100, seed=0):
+    """datadir/mnist/ with the four idx files; each digit k lights its own row band."""
+    rng = np.random.RandomState(seed)
+    folder = os.path.join(datadir, 'mnist')
+    os.makedirs(folder, exist_ok=True)
+    for prefix, n in (('train', ntrain), ('t10k', ntest)):
+        labels = rng.randint(0, 10, n)
+        images = rng.randint(0, 60, (n, 28, 28))
+        for i, k in enumerate(labels):
+            images[i, 2 * k + 4:2 * k + 7, 4:24] = 255
+        write_idx(os.path.join(folder, '%s-images-idx3-ubyte.gz' % prefix), images)
+        write_idx(os.path.join(folder, '%s-labels-idx1-ubyte.gz' % prefix), labels)
+    return folder
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    make_cifar(str(tmp_path))
+    return str(tmp_path)

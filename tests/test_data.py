@@ -1,0 +1,205 @@
+"""cifar10.py and mnist.py: formats, split, plane order, ZCA and its cache, downloads, bad input."""
+import hashlib
+import io
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+import cifar10
+import mnist
+from conftest import SHARED, make_cifar, make_mnist, write_idx, write_py2_pickle
+
+
+def test_split_sizes_dtypes_and_labels(cifar_dir):
+    batches = make_cifar(cifar_dir, rows=120)
+    raw = cifar10.load_raw(cifar_dir)
+    assert {k: len(v[1]) for k, v in raw.items()} == {'L': 480, 'V': 120, 'T': 120}
+    assert raw['L'][0].dtype == np.uint8 and raw['L'][1].dtype == np.int32
+    np.testing.assert_array_equal(raw['V'][1], batches['data_batch_5'][1])
+    np.testing.assert_array_equal(raw['L'][0][120:240], batches['data_batch_2'][0])
+    data = cifar10.load(cifar_dir, zca=False)
+    assert data['T'][0].shape == (120, 3072) and data['T'][0].dtype == np.float32
+
+
+def test_rows_are_red_green_blue_planes(cifar_dir):
+    raw = cifar10.load_raw(cifar_dir)
+    images = raw['L'][0].reshape((-1,) + cifar10.XDIM)
+    np.testing.assert_array_equal(images[3, 0].ravel(), raw['L'][0][3, :1024])   # red plane first
+    np.testing.assert_array_equal(images[3, 2].ravel(), raw['L'][0][3, 2048:])   # blue plane last
+    tile = cifar10.montage(raw['L'][0], raw['L'][1])
+    k = raw['L'][1][0]
+    first = raw['L'][0][0].reshape(3, 32, 32).transpose(1, 2, 0).astype(float)
+    expected = (first - first.min()) / (first.max() - first.min())
+    np.testing.assert_allclose(tile[k * 33:k * 33 + 32, :32], expected)
+
+
+def test_mean_subtraction_uses_training_statistics_only(cifar_dir):
+    raw = cifar10.load_raw(cifar_dir)
+    data = cifar10.load(cifar_dir, zca=False)
+    mean = (raw['L'][0] / 255.0).mean(axis=0)
+    np.testing.assert_allclose(data['L'][0].mean(axis=0), 0, atol=1e-5)
+    np.testing.assert_allclose(data['T'][0], raw['T'][0] / 255.0 - mean, atol=1e-5)
+
+
+def test_zca_whitens_to_identity():
+    rng = np.random.RandomState(1)
+    X = (rng.randn(5000, 12) @ rng.randn(12, 12) * 3 + 5).astype(np.float32)
+    mean, W = cifar10.fit_zca(X, epsilon=1e-6)
+    Y = (X - mean) @ W
+    np.testing.assert_allclose(np.cov(Y.T, bias=True), np.eye(12), atol=1e-3)
+    np.testing.assert_allclose(W, W.T, atol=1e-5)        # ZCA, not just any whitening
+    _, W_eps = cifar10.fit_zca(X, epsilon=0.001)
+    assert not np.allclose(W, W_eps, atol=1e-4)
+
+
+def test_zca_is_fitted_on_training_images_and_applied_to_the_others(cifar_dir):
+    raw = cifar10.load_raw(cifar_dir)
+    data = cifar10.load(cifar_dir, cache=False)
+    mean, W = cifar10.fit_zca(raw['L'][0].astype(np.float32) / 255, cifar10.ZCA_EPSILON)
+    for split in 'LVT':
+        np.testing.assert_allclose(data[split][0], (raw[split][0] / np.float32(255) - mean) @ W,
+                                   rtol=1e-3, atol=2e-3)
+
+
+def test_zca_cache_is_reused_only_for_the_same_data_and_epsilon(cifar_dir, monkeypatch):
+    lines = []
+    first = cifar10.load(cifar_dir, log=lines.append)
+    cifar10.flush_cache()
+    assert 'fitted' in lines[-1]
+
+    def no_fit(*args):
+        raise AssertionError('refitted although the cache is valid')
+    monkeypatch.setattr(cifar10, 'fit_zca', no_fit)
+    again = cifar10.load(cifar_dir, log=lines.append)
+    assert 'from cache' in lines[-1]
+    np.testing.assert_array_equal(first['V'][0], again['V'][0])
+    with pytest.raises(AssertionError, match='refitted'):
+        cifar10.load(cifar_dir, epsilon=0.01)
+    make_cifar(cifar_dir, seed=7)                 # other pixels: the cache must not be served
+    with pytest.raises(AssertionError, match='refitted'):
+        cifar10.load(cifar_dir)
+
+
+def _batch_path(datadir, name='data_batch_3'):
+    return os.path.join(datadir, 'cifar-10-batches-py', name)
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('missing', 'is missing'),
+    ('truncated', 'truncated or corrupt'),
+    ('short rows', 'expected uint8 rows of 3072'),
+    ('labels count', '99 labels for 100 rows'),
+    ('label range', 'labels outside 0-9'),
+    ('no keys', 'not a CIFAR-10 batch'),
+])
+def test_bad_batches_raise_a_clear_error_naming_the_file(cifar_dir, damage, message):
+    path = _batch_path(cifar_dir)
+    data = np.zeros((100, 3072), np.uint8)
+    labels = [1] * 100
+    if damage == 'missing':
+        os.remove(path)
+    elif damage == 'truncated':
+        blob = open(path, 'rb').read()
+        open(path, 'wb').write(blob[:len(blob) // 2])
+    elif damage == 'no keys':
+        write_py2_pickle([1, 2, 3], path)
+    else:
+        if damage == 'short rows':
+            data = data[:, :3000]
+        elif damage == 'labels count':
+            labels = labels[:99]
+        else:
+            labels[5] = 10
+        write_py2_pickle({b'data': data, b'labels': labels}, path)
+    with pytest.raises(cifar10.DataError, match=message) as e:
+        cifar10.load_raw(cifar_dir)
+    assert 'data_batch_3' in str(e.value)
+
+
+def test_download_checks_md5_and_leaves_nothing_behind(tmp_path):
+    src = tmp_path / 'src.bin'
+    src.write_bytes(b'hello cifar' * 1000)
+    good = hashlib.md5(src.read_bytes()).hexdigest()
+    target = str(tmp_path / 'out' / 'file.bin')
+    with pytest.raises(cifar10.DataError) as e:
+        cifar10.download([src.as_uri()], target, '0' * 32)
+    assert 'md5' in str(e.value) and target in str(e.value)
+    assert os.listdir(tmp_path / 'out') == []
+    with pytest.raises(cifar10.DataError, match='put it at'):
+        cifar10.download([(tmp_path / 'nowhere').as_uri()], target, good)
+    assert os.listdir(tmp_path / 'out') == []
+    cifar10.download([(tmp_path / 'nowhere').as_uri(), src.as_uri()], target, good)  # next mirror
+    assert open(target, 'rb').read() == src.read_bytes()
+
+
+def _archive(datadir, folder_name, extra=None):
+    path = os.path.join(datadir, cifar10.ARCHIVE)
+    with tarfile.open(path, 'w:gz') as tar:
+        tar.add(os.path.join(datadir, 'cifar-10-batches-py'), folder_name)
+        if extra:
+            info = tarfile.TarInfo(extra)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b'hi'))
+    shutil.rmtree(os.path.join(datadir, 'cifar-10-batches-py'))
+    return path
+
+
+def test_archive_is_verified_and_extracted(cifar_dir, monkeypatch):
+    path = _archive(cifar_dir, 'cifar-10-batches-py')
+    with pytest.raises(cifar10.DataError, match='wrong md5'):
+        cifar10.load_raw(cifar_dir)
+    monkeypatch.setattr(cifar10, 'ARCHIVE_MD5', cifar10.md5sum(path))
+    assert len(cifar10.load_raw(cifar_dir)['L'][1]) == 400
+    assert sorted(os.listdir(cifar_dir)) == ['cifar-10-batches-py', cifar10.ARCHIVE]
+
+
+def test_unsafe_archive_is_refused(cifar_dir, monkeypatch):
+    path = _archive(cifar_dir, 'cifar-10-batches-py', extra='../escaped.txt')
+    monkeypatch.setattr(cifar10, 'ARCHIVE_MD5', cifar10.md5sum(path))
+    with pytest.raises(cifar10.DataError, match='unsafe'):
+        cifar10.load_raw(cifar_dir)
+    assert not os.path.exists(os.path.join(os.path.dirname(cifar_dir), 'escaped.txt'))
+    assert not os.path.exists(os.path.join(cifar_dir, 'cifar-10-batches-py'))
+
+
+def test_mnist_split_and_scaling(tmp_path):
+    make_mnist(str(tmp_path), ntrain=600, ntest=100)
+    data = mnist.load(str(tmp_path))
+    assert {k: v[0].shape for k, v in data.items()} == {'L': (500, 784), 'V': (100, 784), 'T': (100, 784)}
+    np.testing.assert_allclose(data['L'][0].mean(axis=0), 0, atol=1e-5)
+    raw = mnist.read_idx(str(tmp_path / 'mnist' / 'train-images-idx3-ubyte.gz')).reshape(600, 784)
+    mean = (raw[:500] / 255.0).mean(axis=0)
+    np.testing.assert_allclose(data['V'][0], raw[500:] / 255.0 - mean, atol=1e-5)
+
+
+def test_mnist_bad_files_raise_clear_errors(tmp_path):
+    folder = make_mnist(str(tmp_path))
+    labels = os.path.join(folder, 'train-labels-idx1-ubyte.gz')
+    write_idx(labels, np.zeros(599))
+    with pytest.raises(cifar10.DataError, match='600 images, 599 labels'):
+        mnist.load(str(tmp_path))
+    open(labels, 'wb').write(b'not gzip at all')
+    with pytest.raises(cifar10.DataError, match='train-labels-idx1-ubyte.gz'):
+        mnist.load(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, 'data', 'mnist')), reason='no ../shared MNIST')
+def test_real_mnist_files(tmp_path):
+    os.symlink(os.path.abspath(os.path.join(SHARED, 'data', 'mnist')), tmp_path / 'mnist')
+    data = mnist.load(str(tmp_path))
+    assert [len(data[k][1]) for k in 'LVT'] == [50000, 10000, 10000]
+    assert np.bincount(data['T'][1]).tolist()[:2] == [980, 1135]     # the official test counts
+
+
+REAL_CIFAR = os.environ.get('CIFAR10_REAL_DATADIR')
+
+
+@pytest.mark.skipif(not REAL_CIFAR, reason='set CIFAR10_REAL_DATADIR to a full CIFAR-10 (.ci/run does)')
+def test_real_cifar10_layout():
+    raw = cifar10.load_raw(REAL_CIFAR, download_missing=False)
+    assert [len(raw[k][1]) for k in 'LVT'] == [40000, 10000, 10000]
+    assert np.bincount(raw['T'][1]).tolist() == [1000] * 10
+    assert np.bincount(np.concatenate([raw['L'][1], raw['V'][1]])).tolist() == [5000] * 10
