@@ -2,11 +2,10 @@
 
 Cost, updates, evaluation, saving: nnet.Network and nnet.Trainer, unchanged.
 """
+import nnet                                  # first: it sets Theano's flags, then imports Theano
 import numpy as np
 import theano.tensor as T
 from theano.tensor.signal.pool import pool_2d
-
-import nnet
 
 
 class ConvLayer:

@@ -13,6 +13,7 @@ import ast
 import configparser
 import ctypes.util
 import datetime
+import glob
 import json
 import os
 import platform
@@ -37,6 +38,16 @@ def _user_flags():
     return flags
 
 
+def linkable_openblas():
+    """Path of a system libopenblas.so that `-lopenblas` links (the -dev package), or None."""
+    for d in ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib',
+              '/usr/local/lib') + tuple(os.environ.get('LIBRARY_PATH', '').split(os.pathsep)):
+        found = glob.glob(os.path.join(d, 'libopenblas.so')) if d else []
+        if found:
+            return found[0]
+    return None
+
+
 def theano_defaults():
     """Add the flags that Theano 1.0.5 needs today to THEANO_FLAGS, never overriding the user's.
 
@@ -50,9 +61,10 @@ def theano_defaults():
     user = _user_flags()
     added, notes = [], []
     if 'blas.ldflags' not in user:
-        if ctypes.util.find_library('openblas'):
+        openblas = linkable_openblas()
+        if openblas:
             added.append('blas.ldflags=-lopenblas')
-            notes.append('blas.ldflags=-lopenblas (system OpenBLAS, chosen automatically)')
+            notes.append('blas.ldflags=-lopenblas (%s, chosen automatically)' % openblas)
         else:
             added.append('blas.ldflags=')
             notes.append('WARNING: no OpenBLAS found, Theano uses its slow numpy fallback for '
@@ -280,7 +292,7 @@ def blas_description():
     flags = theano.config.blas.ldflags
     if 'openblas' in flags:
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library('openblas'))
+            lib = ctypes.CDLL(linkable_openblas() or ctypes.util.find_library('openblas'))
             lib.openblas_get_config.restype = ctypes.c_char_p
             return 'OpenBLAS %s (%s)' % (lib.openblas_get_config().decode().split()[1], flags)
         except (OSError, AttributeError, IndexError):

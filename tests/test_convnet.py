@@ -1,0 +1,162 @@
+"""convnet.py against numpy references, the compiled graphs' ops, and both drivers end to end."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import convnet
+import nnet
+import theano
+import theano.tensor as T
+from conftest import ROOT, make_cifar, make_mnist
+
+floatX = nnet.floatX
+
+
+def np_correlate(x, W):
+    N, C, H, Wd = x.shape
+    F, _, h, w = W.shape
+    out = np.zeros((N, F, H - h + 1, Wd - w + 1))
+    for i in range(H - h + 1):
+        for j in range(Wd - w + 1):
+            out[:, :, i, j] = np.tensordot(x[:, :, i:i + h, j:j + w], W, axes=([1, 2, 3], [1, 2, 3]))
+    return out
+
+
+def np_maxpool(x, ds, st):
+    H = (x.shape[2] - ds[0]) // st[0] + 1
+    W = (x.shape[3] - ds[1]) // st[1] + 1
+    out = np.empty(x.shape[:2] + (H, W))
+    for i in range(H):
+        for j in range(W):
+            out[:, :, i, j] = x[:, :, i * st[0]:i * st[0] + ds[0], j * st[1]:j * st[1] + ds[1]].max(axis=(2, 3))
+    return out
+
+
+def test_conv_layer_is_an_unpadded_stride_1_correlation_without_bias():
+    rng = np.random.RandomState(0)
+    layer = convnet.ConvLayer(rng, (3, 9, 8), 4, (3, 2))
+    assert layer.output_shape == (4, 7, 7) and layer.params == [layer.W]
+    x = rng.randn(2, 3, 9, 8).astype(floatX)
+    x_ = T.tensor4()
+    out = theano.function([x_], layer.output(x_))(x)
+    np.testing.assert_allclose(out, np_correlate(x, layer.W.get_value()), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('ds, st, shape', [((4, 4), None, (3, 3, 2)), ((4, 4), (2, 2), (3, 5, 4)),
+                                           ((2, 3), (1, 2), (3, 11, 4))])
+def test_pool_layer_max_pools_then_thresholds_per_channel_then_relu(ds, st, shape):
+    rng = np.random.RandomState(0)
+    layer = convnet.PoolLayer((3, 12, 10), ds, st)
+    assert layer.output_shape == shape
+    b = np.array([-0.5, 0.0, 0.5], floatX)
+    layer.b.set_value(b)
+    x = rng.randn(2, 3, 12, 10).astype(floatX)
+    x_ = T.tensor4()
+    out = theano.function([x_], layer.output(x_))(x)
+    expected = np.maximum(np_maxpool(x, ds, st or ds) + b[None, :, None, None], 0)
+    assert out.shape[1:] == shape
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_gradient_matches_finite_differences():
+    rng = np.random.RandomState(0)
+    x = rng.randn(3, 2, 8, 8)
+    y = np.array([0, 2, 1], 'int32')
+    b2 = rng.randn(2) * 0.1 + 0.3
+
+    def mean_cost(Wc, Wf):
+        h = T.nnet.conv2d(x, Wc, filter_flip=False)
+        p = T.signal.pool.pool_2d(h, (2, 2), stride=(1, 1), ignore_border=True)
+        a = T.nnet.relu(p + b2.reshape((1, 2, 1, 1))).flatten(2)
+        return nnet.cost_terms(T.nnet.softmax(T.dot(a, Wf)), y)[0] / 3
+    theano.gradient.verify_grad(mean_cost, [rng.randn(2, 2, 3, 3), rng.randn(50, 3)],
+                                rng=rng, eps=1e-3, abs_tol=1e-3, rel_tol=1e-3)
+
+
+def python_ops(fn):
+    """The ops of a compiled function that run as Python `perform` instead of C code."""
+    return [type(node.op).__name__ for node, thunk in zip(fn.fn.nodes, fn.fn.thunks)
+            if not hasattr(thunk, 'cthunk')]
+
+
+@pytest.mark.parametrize('ds, st', [((4, 4), None), ((4, 4), (2, 2))])
+def test_training_function_compiles_to_c_ops_only(ds, st):
+    rng = np.random.RandomState(0)
+    net = convnet.CNN(rng, (3, 32, 32), [(4, (5, 5), ds, st)], [10], 10)
+    X = rng.randn(20, 3072).astype(floatX)
+    trainer = nnet.Trainer(net, {'L': (X, rng.randint(0, 10, 20).astype('int32'))}, 10, 0.01, 0.9, 1e-4,
+                           input_shape=(3, 32, 32))
+    ops = {type(node.op).__name__ for node in trainer.train_fn.maker.fgraph.apply_nodes}
+    assert {'CorrMM', 'CorrMM_gradWeights', 'Pool', 'MaxPoolGrad'} <= ops
+    assert python_ops(trainer.train_fn) == [] and python_ops(trainer.eval_fn) == []
+
+
+def run_script(*args, **env):
+    return subprocess.run([sys.executable] + list(args), cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=600)
+
+
+ROW = r'\d+ \| \d+\.\d{6} \d+\.\d\d \| \d+\.\d{6} \d+\.\d\d \| [\d.]+ s'
+
+
+def test_cifar10_convnet_runs_end_to_end(tmp_path):
+    make_cifar(str(tmp_path), rows=200, learnable=True)
+    out = tmp_path / 'runs'
+    result = run_script('cifar10_convnet.py', '--W1dim=(4,5,5)', '--H2=32', '--nepoch=2',
+                        '--datadir=%s' % tmp_path, '--outdir=%s' % out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = result.stdout
+    assert re.search(r'^# cpu: .* \| floatX float32 \| Theano 1\.0\.5 \|', log, re.M)
+    for line in ['### Conv-Pool-ReLu-Softmax   Xdim: (3, 32, 32)',
+                 '#   W1dim: (4, 5, 5)  ds1: (4, 4)  st1: None  H1: 196',
+                 '#   H2: 32', '# eta =  0.01  mu =  0.9  lam =  0.0001', '# ZCAwhitening =  True',
+                 '### training:   NL =  800  NV =  200  K =  10  batchsize =  100', '# NT =  200']:
+        assert line + '\n' in log
+    rows = re.findall('^' + ROW + '$', log, re.M)
+    assert [r.split()[0] for r in rows] == ['0', '1', '2']
+    assert re.search(r'^2 \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \*$', log, re.M)
+    assert re.search(r'^# seconds: data [\d.]+  compile [\d.]+  train [\d.]+  total [\d.]+$', log, re.M)
+    record = json.loads((out / 'results.jsonl').read_text())
+    assert record['status'] == 'completed' and record['settings']['W1dim'] == [4, 5, 5]
+    assert record['H1'] == 196 and len(record['test']) == 2 and len(record['epochs']) == 3
+    assert set(record['seconds']) == {'data', 'compile', 'train', 'total'}
+    assert np.load(record['params'])['00_W1'].shape == (4, 3, 5, 5)
+    assert record['epochs'][-1][1] < record['epochs'][0][1]          # the training cost fell
+
+
+def test_cifar10_convnet_overlapping_pool_and_second_layer(tmp_path):
+    make_cifar(str(tmp_path), rows=100)
+    result = run_script('cifar10_convnet.py', '--W1dim=(2,5,5)', '--st1=(2,2)', '--H2=8', '--H3=8',
+                        '--nepoch=1', '--ZCAwhitening=False', '--datadir=%s' % tmp_path,
+                        '--outdir=%s' % (tmp_path / 'runs'))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '#   W1dim: (2, 5, 5)  ds1: (4, 4)  st1: (2, 2)  H1: 338\n' in result.stdout
+    assert '#   H2: 8   H3: 8\n' in result.stdout
+    assert '# override: st1 = (2, 2)\n' in result.stdout
+
+
+def test_drivers_reject_unknown_settings_and_report_missing_data(tmp_path):
+    result = run_script('cifar10_convnet.py', '--filters=64')
+    assert result.returncode != 0 and 'W1dim=(16, 5, 5)' in result.stderr
+    result = run_script('cifar10_convnet.py', '--datadir=%s' % tmp_path, NO_NETWORK='1',
+                        http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'cifar-10-python.tar.gz' in result.stderr and str(tmp_path) in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_mnist_mlp_runs_end_to_end(tmp_path):
+    make_mnist(str(tmp_path), ntrain=600, ntest=100)
+    result = run_script('mnist_mlp.py', '--H1=50', '--H2=20', '--nepoch=3', '--datadir=%s' % tmp_path,
+                        '--outdir=%s' % (tmp_path / 'runs'))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '### ReLu-ReLu-Softmax   Xdim: 784  H1: 50  H2: 20\n' in result.stdout
+    assert '### training:   NL =  500  NV =  100  K =  10  batchsize =  100\n' in result.stdout
+    assert [r.split()[0] for r in re.findall('^' + ROW + '$', result.stdout, re.M)] == ['0', '1', '2', '3']
+    record = json.loads((tmp_path / 'runs' / 'results.jsonl').read_text())
+    assert record['test'][1] > 90                                  # the bands are easy to learn

@@ -1,0 +1,182 @@
+"""nnet.py: layers against numpy, gradients, the update rule, learning, save/load, NaN guard, overrides."""
+import json
+
+import numpy as np
+import pytest
+
+import nnet
+import theano
+import theano.tensor as T
+
+floatX = nnet.floatX
+
+
+def softmax(a):
+    e = np.exp(a - a.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize('activation, reference', [
+    ('linear', lambda a: a), ('relu', lambda a: np.maximum(a, 0)), ('softmax', softmax)])
+def test_full_layer_matches_numpy(activation, reference):
+    rng = np.random.RandomState(0)
+    layer = nnet.FullLayer(rng, 5, 4, activation)
+    layer.b.set_value(rng.randn(4).astype(floatX))
+    x = rng.randn(3, 5).astype(floatX)
+    x_ = T.matrix()
+    out = theano.function([x_], layer.output(x_))(x)
+    np.testing.assert_allclose(out, reference(x @ layer.W.get_value() + layer.b.get_value()), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_without_threshold_has_no_bias_and_mlp_decays_only_weights():
+    layer = nnet.FullLayer(np.random.RandomState(0), 5, 4, 'relu', bias=False)
+    assert layer.b is None and layer.params == [layer.W]
+    net = nnet.MLP(np.random.RandomState(0), 6, [5, 4], 3)
+    assert [p.name for p in net.params] == ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
+    assert [p.name for p in net.decay] == ['W1', 'W2', 'W3']
+    std = net.layers[0].W.get_value().std()
+    assert 0.3 < std / np.sqrt(2.0 / 6) < 1.7                   # documented init scale
+
+
+def test_same_seed_same_weights():
+    a, b = (nnet.MLP(np.random.RandomState(3), 6, [5], 3) for _ in range(2))
+    for p, q in zip(a.params, b.params):
+        np.testing.assert_array_equal(p.get_value(), q.get_value())
+
+
+def test_cost_gradient_matches_finite_differences():
+    rng = np.random.RandomState(1)
+    x = rng.randn(7, 4)
+    y = rng.randint(0, 3, 7).astype('int32')
+
+    def mean_cost(W1, b1, W2):
+        h = T.nnet.relu(T.dot(x, W1) + b1)
+        return nnet.cost_terms(T.nnet.softmax(T.dot(h, W2)), y)[0] / 7
+    theano.gradient.verify_grad(mean_cost, [rng.randn(4, 5), rng.randn(5) + 0.5, rng.randn(5, 3)],
+                                rng=rng, eps=1e-3, abs_tol=1e-3, rel_tol=1e-3)
+
+
+def small_problem(n=300, seed=0):
+    rng = np.random.RandomState(seed)
+    y = rng.randint(0, 3, n).astype('int32')
+    X = (rng.randn(n, 6) * 0.5 + np.eye(3, 6)[y] * 2).astype(floatX)
+    return X, y
+
+
+def test_one_step_follows_the_update_rule():
+    X, y = small_problem(20)
+    net = nnet.MLP(np.random.RandomState(0), 6, [5], 3)
+    eta, mu, lam = 0.1, 0.9, 0.01
+    trainer = nnet.Trainer(net, {'L': (X, y)}, 10, eta, mu, lam)
+    W1, b1, W2, b2 = [p.get_value().astype(np.float64) for p in net.params]
+
+    def grads(W1, b1, W2, b2, X, y):          # numpy backprop of the mean cross-entropy
+        a = X @ W1 + b1
+        h = np.maximum(a, 0)
+        p = softmax(h @ W2 + b2)
+        d2 = (p - np.eye(3)[y]) / len(y)
+        d1 = (d2 @ W2.T) * (a > 0)
+        return [X.T @ d1, d1.sum(0), h.T @ d2, d2.sum(0)]
+    params = [W1, b1, W2, b2]
+    velocity = [np.zeros_like(p) for p in params]
+    for start in (0, 10):                     # two steps: the second one uses the momentum
+        g = grads(*params, X[start:start + 10], y[start:start + 10])
+        for i in range(4):
+            decay = lam * params[i] if i in (0, 2) else 0
+            velocity[i] = -eta * (g[i] + decay) + mu * velocity[i]
+            params[i] = params[i] + velocity[i]
+        trainer.train_fn(start, start + 10)
+    for p, expected in zip(net.params, params):
+        np.testing.assert_allclose(p.get_value(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_learns_a_separable_problem_and_eta_changes_without_recompiling():
+    X, y = small_problem(400)
+    net = nnet.MLP(np.random.RandomState(0), 6, [20], 3)
+    trainer = nnet.Trainer(net, {'L': (X[:300], y[:300]), 'V': (X[300:], y[300:])}, 25, 0.05, 0.9, 0.0)
+    cost0, _ = trainer.evaluate('L')
+    for _ in range(20):
+        trainer.train_epoch()
+    cost, acc = trainer.evaluate('V')
+    assert cost < cost0 / 4 and acc > 95
+    before = [p.get_value() for p in net.params]
+    trainer.eta.set_value(np.asarray(0, floatX))
+    trainer.mu.set_value(np.asarray(0, floatX))
+    trainer.train_epoch()
+    for p, q in zip(net.params, before):
+        np.testing.assert_array_equal(p.get_value(), q)
+
+
+def test_evaluation_in_minibatches_weights_a_short_last_batch_right():
+    X, y = small_problem(107)
+    net = nnet.MLP(np.random.RandomState(0), 6, [5], 3)
+    trainer = nnet.Trainer(net, {'V': (X, y)}, 25, 0.1, 0.9, 0.0)
+    assert trainer.batches('V')[-1] == (100, 107)
+    W1, b1, W2, b2 = [p.get_value() for p in net.params]
+    p = softmax(np.maximum(X @ W1 + b1, 0) @ W2 + b2)
+    cost, acc = trainer.evaluate('V')
+    assert cost == pytest.approx(-np.log(p[np.arange(107), y]).mean(), rel=1e-4)
+    assert acc == pytest.approx(100.0 * (p.argmax(1) == y).mean())
+
+
+def test_save_and_load_round_trip(tmp_path):
+    a = nnet.MLP(np.random.RandomState(0), 6, [5], 3)
+    b = nnet.MLP(np.random.RandomState(1), 6, [5], 3)
+    path = str(tmp_path / 'net.npz')
+    a.save(path, {'eta': 0.1, 'H2': (5,)})
+    with np.load(path) as f:                      # plain arrays, no pickled Theano objects
+        assert all(f[k].dtype != object for k in f.files)
+    assert b.load(path) == {'eta': 0.1, 'H2': [5]}
+    for p, q in zip(a.params, b.params):
+        np.testing.assert_array_equal(p.get_value(), q.get_value())
+    with pytest.raises(ValueError, match='shape'):
+        nnet.MLP(np.random.RandomState(0), 6, [4], 3).load(path)
+
+
+def test_nan_guard_names_the_epoch():
+    X, y = small_problem(40)
+    X[25, 2] = np.inf
+    trainer = nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), {'L': (X, y)}, 10, 0.1, 0.9, 0.0)
+    with pytest.raises(nnet.TrainingDiverged, match='epoch 3, minibatch 2'):
+        trainer.train_epoch('L', 'epoch 3')
+
+
+def test_interrupted_run_still_writes_record_and_parameters(tmp_path, monkeypatch, capsys):
+    X, y = small_problem(60)
+    data = {'L': (X[:40], y[:40]), 'V': (X[40:50], y[40:50]), 'T': (X[50:], y[50:])}
+    trainer = nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), data, 10, 0.1, 0.9, 0.0)
+    calls = []
+
+    def train_epoch(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return 0.5, 50.0
+    monkeypatch.setattr(trainer, 'train_epoch', train_epoch)
+    (tmp_path / 'results.jsonl').write_text('{"earlier": 1}\n')
+    code = nnet.train_and_log(trainer, 10, 'test', {'eta': 0.1}, {'device': 'cpu'}, str(tmp_path), 0, 1.0)
+    assert code == 130
+    lines = (tmp_path / 'results.jsonl').read_text().splitlines()
+    assert json.loads(lines[0]) == {'earlier': 1}
+    record = json.loads(lines[1])
+    assert record['status'] == 'interrupted' and [row[0] for row in record['epochs']] == [0, 1, 2]
+    assert np.load(record['params'])['00_W1'].shape == (6, 5)
+    assert 'interrupted at epoch 3' in capsys.readouterr().out
+
+
+def test_overrides_parse_literals_and_reject_unknown_names(capsys):
+    namespace = {'W1dim': (16, 5, 5), 'st1': None, 'eta': 0.01, 'nepoch': 50, 'ZCAwhitening': True,
+                 'datadir': None}
+    names = nnet.config_names(dict(namespace, _private=1, np=np))
+    assert names == list(namespace)
+    nnet.apply_overrides(namespace, names, ['--W1dim=(64,5,5)', '--st1=(2,2)', '--eta=1',
+                                            '--ZCAwhitening=False', '--datadir=/tmp/my data'])
+    assert namespace == {'W1dim': (64, 5, 5), 'st1': (2, 2), 'eta': 1.0, 'nepoch': 50,
+                         'ZCAwhitening': False, 'datadir': '/tmp/my data'}
+    assert '# override: W1dim = (64, 5, 5)' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match='nepoch=50'):
+        nnet.apply_overrides(namespace, names, ['--epochs=3'])
+    with pytest.raises(SystemExit, match='needs a number'):
+        nnet.apply_overrides(namespace, names, ['--nepoch=ten'])
+    with pytest.raises(SystemExit, match='needs a tuple'):
+        nnet.apply_overrides(namespace, names, ['--W1dim=64'])
