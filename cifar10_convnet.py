@@ -29,6 +29,7 @@ ZCAwhitening = True
 seed = 0                 # weight initialisation
 datadir = None           # holds cifar-10-batches-py/; None: $NNET_DATADIR, else ./data here
 outdir = 'runs'          # results.jsonl and the saved parameters
+datanote = ''            # free text kept with the record, e.g. where the data came from
 
 import nnet                             # noqa: E402  (sets Theano's flags before importing it)
 

@@ -66,19 +66,23 @@ def theano_defaults():
     """
     user = _user_flags()
     added, notes = [], []
-    if 'blas.ldflags' not in user:
+    ldflags = user.get('blas.ldflags')
+    if ldflags is None:
         openblas = linkable_openblas()
-        if openblas:
-            added.append('blas.ldflags=-lopenblas')
-            notes.append('blas.ldflags=-lopenblas (%s, chosen automatically)' % openblas)
-        else:
-            added.append('blas.ldflags=')
-            notes.append('WARNING: no OpenBLAS found, Theano uses its slow numpy fallback for '
-                         'BLAS: install libopenblas-dev (Debian/Ubuntu) or set blas.ldflags')
-    for flag, value in (('floatX', 'float32'), ('openmp', 'True')):
-        if flag not in user:
-            added.append('%s=%s' % (flag, value))
-    if not ({'GOMP_SPINCOUNT', 'OMP_WAIT_POLICY'} & set(os.environ)):
+        ldflags = '-lopenblas' if openblas else ''
+        added.append('blas.ldflags=' + ldflags)
+        notes.append('blas.ldflags=-lopenblas (%s, chosen automatically)' % openblas if openblas else
+                     'WARNING: no OpenBLAS found, Theano uses its slow numpy fallback for '
+                     'BLAS: install libopenblas-dev (Debian/Ubuntu) or set blas.ldflags')
+    if 'floatX' not in user:
+        added.append('floatX=float32')
+    openmp = user.get('openmp', 'True' if ldflags.strip() else 'False').lower() in ('true', '1')
+    if 'openmp' not in user:
+        if openmp:
+            added.append('openmp=True')
+        else:   # the numpy fallback calls into Python from CorrMM's OpenMP threads: fatal
+            notes.append('openmp stays off: the numpy BLAS fallback cannot run in OpenMP threads')
+    if openmp and not ({'GOMP_SPINCOUNT', 'OMP_WAIT_POLICY'} & set(os.environ)):
         os.environ['GOMP_SPINCOUNT'] = '10000'      # read when Theano first loads libgomp
         notes.append('GOMP_SPINCOUNT=10000 (idle OpenMP threads leave the cores to OpenBLAS sooner)')
     if added:
@@ -273,8 +277,17 @@ def apply_overrides(namespace, names, argv):
     """Apply --name=value arguments to the driver's globals; values are Python literals.
 
     Unknown names are rejected with the list of valid ones; each override is printed.
+    --help (after any overrides) prints the settings and exits; its last two lines are
+    JSON: the device, then the settings (sweep.py reads them).
     """
     for arg in argv:
+        if arg == '--help':
+            print(sys.modules['__main__'].__doc__ or '')
+            for k in names:
+                print('#   --%s=%r' % (k, namespace[k]))
+            print(json.dumps({'device': device_description()}))
+            print(json.dumps({k: namespace[k] for k in names}))
+            sys.exit(0)
         m = re.match(r'--(\w+)=(.*)$', arg, re.S)
         if not m or m.group(1) not in names:
             sys.exit('error: %r is not a setting; use --name=value with a name from:\n  %s'
