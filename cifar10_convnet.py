@@ -26,6 +26,7 @@ lam = 0.0001             # weight decay, on W only
 batchsize = 100
 nepoch = 50
 ZCAwhitening = True
+Wstd = 0.01              # initial weights: zero-mean normal of this std (b = 0)
 seed = 0                 # weight initialisation
 datadir = None           # holds cifar-10-batches-py/; None: $NNET_DATADIR, else ./data here
 outdir = 'runs'          # results.jsonl and the saved parameters
@@ -51,7 +52,7 @@ def main():
     t_data = time.time() - _t_start
 
     net = convnet.CNN(np.random.RandomState(seed), cifar10.XDIM, [(W1dim[0], W1dim[1:], ds1, st1)],
-                      [h for h in (H2, H3) if h], len(cifar10.CLASSES))
+                      [h for h in (H2, H3) if h], len(cifar10.CLASSES), Wstd)
     print('### Conv-Pool-ReLu-Softmax   Xdim:', cifar10.XDIM)
     print('#   W1dim:', W1dim, ' ds1:', ds1, ' st1:', st1, ' H1:', net.H1)
     print('#   H2:', H2, *(['  H3:', H3] if H3 else []))

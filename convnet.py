@@ -12,14 +12,14 @@ class ConvLayer:
     """nfilter filters of C x h x w over (C, H, W) inputs: stride 1, no padding, no bias.
 
     A cross-correlation (filters not flipped, as in today's frameworks), so the learnt
-    filters show as they are applied.  A ReLU follows after pooling, hence its init gain.
+    filters show as they are applied.
     """
 
-    def __init__(self, rng, input_shape, nfilter, filter_size):
+    def __init__(self, rng, input_shape, nfilter, filter_size, Wstd=nnet.W_STD):
         C, H, W = input_shape
         h, w = filter_size
         self.filter_shape = (nfilter, C, h, w)
-        self.W = nnet.normal_weights(rng, self.filter_shape, C * h * w, 'relu')
+        self.W = nnet.normal_weights(rng, self.filter_shape, Wstd)
         self.params = self.decay = [self.W]
         self.input_shape = tuple(input_shape)
         self.output_shape = (nfilter, H - h + 1, W - w + 1)
@@ -66,15 +66,15 @@ class CNN(nnet.Network):
     """Conv-Pool stages, then fully connected ReLU layers, then a softmax over K classes.
 
     convpool: a list of (nfilter, (h, w), ds, st) stages; hidden: the sizes of the
-    ReLU layers after flattening.
+    ReLU layers after flattening; Wstd: the initial weights' standard deviation.
     """
 
-    def __init__(self, rng, input_shape, convpool, hidden, K):
+    def __init__(self, rng, input_shape, convpool, hidden, K, Wstd=nnet.W_STD):
         layers, shape = [], tuple(input_shape)
         for nfilter, filter_size, ds, st in convpool:
-            layers.append(ConvLayer(rng, shape, nfilter, filter_size))
+            layers.append(ConvLayer(rng, shape, nfilter, filter_size, Wstd))
             layers.append(PoolLayer(layers[-1].output_shape, ds, st))
             shape = layers[-1].output_shape
         layers.append(FlattenLayer(shape))
         self.H1 = layers[-1].output_shape[0]
-        super().__init__(layers + nnet.MLP(rng, self.H1, hidden, K).layers)
+        super().__init__(layers + nnet.MLP(rng, self.H1, hidden, K, Wstd).layers)

@@ -21,6 +21,7 @@ mu = 0.9
 lam = 0.0
 batchsize = 100
 nepoch = 50
+Wstd = 0.01              # initial weights: zero-mean normal of this std (b = 0)
 seed = 0
 datadir = None           # holds mnist/*.gz; None: $NNET_DATADIR, else ./data here
 outdir = 'runs'
@@ -44,7 +45,7 @@ def main():
     t_data = time.time() - _t_start
 
     hidden = [h for h in (H1, H2) if h]
-    net = nnet.MLP(np.random.RandomState(seed), 784, hidden, 10)
+    net = nnet.MLP(np.random.RandomState(seed), 784, hidden, 10, Wstd)
     print('### ' + 'ReLu-' * len(hidden) + 'Softmax   Xdim: 784  ' + '  '.join(
         'H%d: %d' % (i + 1, h) for i, h in enumerate(hidden)))
     print('# eta = ', eta, ' mu = ', mu, ' lam = ', lam)

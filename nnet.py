@@ -101,23 +101,25 @@ floatX = theano.config.floatX
 # ---------------------------------------------------------------- layers
 
 ACTIVATIONS = {'linear': lambda a: a, 'relu': T.nnet.relu, 'softmax': T.nnet.softmax}
-GAINS = {'linear': 1.0, 'relu': np.sqrt(2.0), 'softmax': 1.0}
+W_STD = 0.01
 
 
-def normal_weights(rng, shape, fan_in, activation):
-    """Zero-mean normal with std gain / sqrt(fan_in): gain sqrt(2) before a ReLU, else 1.
+def normal_weights(rng, shape, std=W_STD):
+    """Initial weights from a zero-mean normal of standard deviation std (default 0.01).
 
-    The published W are zero-mean normal of an unrecorded scale; this one keeps the
-    activations' variance about constant from layer to layer (He et al., 2015).
+    The published W are zero-mean normal of an unrecorded scale; 0.01 is the era's usual
+    choice (Krizhevsky et al. 2012, Caffe's examples).  Measured on the published network
+    (50 epochs, rebuilt CIFAR-10): test 69.97% with 0.01, 70.07% with PyTorch's default scale
+    1/sqrt(3 fan_in), 67.90% with He's sqrt(2/fan_in).
     """
-    return theano.shared(rng.normal(0.0, GAINS[activation] / np.sqrt(fan_in), shape).astype(floatX))
+    return theano.shared(rng.normal(0.0, std, shape).astype(floatX))
 
 
 class FullLayer:
     """Fully connected: activation(x W + b); with bias=False no b is created at all."""
 
-    def __init__(self, rng, n_in, n_out, activation='relu', bias=True):
-        self.W = normal_weights(rng, (n_in, n_out), n_in, activation)
+    def __init__(self, rng, n_in, n_out, activation='relu', bias=True, Wstd=W_STD):
+        self.W = normal_weights(rng, (n_in, n_out), Wstd)
         self.b = theano.shared(np.zeros(n_out, floatX)) if bias else None
         self.activation = activation
         self.params = [self.W] + ([self.b] if bias else [])
@@ -170,10 +172,10 @@ class Network:
 class MLP(Network):
     """Fully connected ReLU layers of the sizes in `hidden`, then a softmax over K classes."""
 
-    def __init__(self, rng, n_in, hidden, K):
+    def __init__(self, rng, n_in, hidden, K, Wstd=W_STD):
         sizes = [n_in] + list(hidden)
-        layers = [FullLayer(rng, a, b, 'relu') for a, b in zip(sizes[:-1], sizes[1:])]
-        super().__init__(layers + [FullLayer(rng, sizes[-1], K, 'softmax')])
+        layers = [FullLayer(rng, a, b, 'relu', Wstd=Wstd) for a, b in zip(sizes[:-1], sizes[1:])]
+        super().__init__(layers + [FullLayer(rng, sizes[-1], K, 'softmax', Wstd=Wstd)])
 
 
 # ---------------------------------------------------------------- cost and training

@@ -152,11 +152,12 @@ def test_drivers_reject_unknown_settings_and_report_missing_data(tmp_path):
 
 def test_mnist_mlp_runs_end_to_end(tmp_path):
     make_mnist(str(tmp_path), ntrain=600, ntest=100)
-    result = run_script('mnist_mlp.py', '--H1=50', '--H2=20', '--nepoch=3', '--datadir=%s' % tmp_path,
+    result = run_script('mnist_mlp.py', '--H1=50', '--H2=20', '--nepoch=5', '--Wstd=0.1',  # tiny layers
+                        '--datadir=%s' % tmp_path,
                         '--outdir=%s' % (tmp_path / 'runs'))
     assert result.returncode == 0, result.stdout + result.stderr
     assert '### ReLu-ReLu-Softmax   Xdim: 784  H1: 50  H2: 20\n' in result.stdout
     assert '### training:   NL =  500  NV =  100  K =  10  batchsize =  100\n' in result.stdout
-    assert [r.split()[0] for r in re.findall('^' + ROW + '$', result.stdout, re.M)] == ['0', '1', '2', '3']
+    assert [r.split()[0] for r in re.findall('^' + ROW + '$', result.stdout, re.M)] == ['0', '1', '2', '3', '4', '5']
     record = json.loads((tmp_path / 'runs' / 'results.jsonl').read_text())
     assert record['test'][1] > 90                                  # the bands are easy to learn

@@ -34,8 +34,11 @@ def test_layer_without_threshold_has_no_bias_and_mlp_decays_only_weights():
     net = nnet.MLP(np.random.RandomState(0), 6, [5, 4], 3)
     assert [p.name for p in net.params] == ['W1', 'b1', 'W2', 'b2', 'W3', 'b3']
     assert [p.name for p in net.decay] == ['W1', 'W2', 'W3']
-    std = net.layers[0].W.get_value().std()
-    assert 0.3 < std / np.sqrt(2.0 / 6) < 1.7                   # documented init scale
+    assert abs(net.layers[0].W.get_value().mean()) < 0.005         # zero-mean normal, std Wstd
+    assert net.layers[1].W.get_value().std() == pytest.approx(0.01, rel=0.5)
+    big = nnet.MLP(np.random.RandomState(0), 300, [200], 3, Wstd=0.1)
+    assert big.layers[0].W.get_value().std() == pytest.approx(0.1, rel=0.02)
+    assert not big.layers[0].b.get_value().any()
 
 
 def test_same_seed_same_weights():
@@ -180,3 +183,24 @@ def test_overrides_parse_literals_and_reject_unknown_names(capsys):
         nnet.apply_overrides(namespace, names, ['--nepoch=ten'])
     with pytest.raises(SystemExit, match='needs a tuple'):
         nnet.apply_overrides(namespace, names, ['--W1dim=64'])
+
+
+def test_theano_defaults_fill_in_only_what_the_user_left_unset():
+    import os
+    import subprocess
+    import sys
+    probe = ('import json, nnet; c = nnet.theano.config; '
+             'print(json.dumps([c.blas.ldflags, c.floatX, c.openmp, nnet.THEANO_NOTES]))')
+
+    def config(flags):
+        env = dict(os.environ, THEANO_FLAGS=flags, THEANORC='/nonexistent')
+        env.pop('GOMP_SPINCOUNT', None)
+        out = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True,
+                             cwd=os.path.dirname(nnet.__file__))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    ldflags, floatX, openmp, notes = config('')
+    assert (ldflags == '-lopenblas') == (nnet.linkable_openblas() is not None)
+    assert floatX == 'float32' and openmp == bool(ldflags) and notes
+    ldflags, floatX, openmp, notes = config('floatX=float64,blas.ldflags=')
+    assert (ldflags, floatX, openmp) == ('', 'float64', False)          # the user's flags win
+    assert any('openmp stays off' in n for n in notes)
