@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import time
 
@@ -377,6 +378,10 @@ def print_run_info():
     return info
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_data, **extra):
     """The published training loop and log; ends by writing the record and the parameters.
 
@@ -385,7 +390,8 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     one JSON line appended to outdir/results.jsonl (settings, info, every logged row,
     test figures, data/compile/train/total seconds; t_start is the script's start, so
     the total explains what `time` shows) and the parameters in outdir/SCRIPT-TIME.npz.
-    On Ctrl-C or a diverging cost both are still written, marked as such.
+    On Ctrl-C (or SIGTERM, as from `kill` or a job scheduler) or a diverging cost both are
+    still written, marked as such.
     Returns the exit code: 0, 130 after Ctrl-C, 1 after divergence.
     """
     record = dict(script=script, settings=settings, **extra, **info)
@@ -393,6 +399,7 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     t0 = time.time()
     record['epochs'] = epochs = []
     status = 'completed'
+    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         for epoch in range(nepoch + 1):
             if epoch == 0:
@@ -413,6 +420,8 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     except TrainingDiverged as e:
         status = 'diverged'
         print('# stopped: %s' % e)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     record['status'] = status
     record['seconds']['train'] = time.time() - t0
     record['seconds']['total'] = time.time() - t_start

@@ -161,3 +161,22 @@ def test_mnist_mlp_runs_end_to_end(tmp_path):
     assert [r.split()[0] for r in re.findall('^' + ROW + '$', result.stdout, re.M)] == ['0', '1', '2', '3', '4', '5']
     record = json.loads((tmp_path / 'runs' / 'results.jsonl').read_text())
     assert record['test'][1] > 90                                  # the bands are easy to learn
+
+
+def test_sigterm_stops_a_run_cleanly(tmp_path):
+    import signal
+    make_cifar(str(tmp_path), rows=100)
+    out = tmp_path / 'runs'
+    proc = subprocess.Popen([sys.executable, 'cifar10_convnet.py', '--W1dim=(2,5,5)', '--H2=8',
+                             '--nepoch=100000', '--ZCAwhitening=False', '--datadir=%s' % tmp_path,
+                             '--outdir=%s' % out], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:                      # wait until training runs
+        if line.startswith('1 | '):
+            break
+    proc.send_signal(signal.SIGTERM)
+    log = proc.stdout.read()
+    assert proc.wait(timeout=120) == 130
+    assert '# interrupted at epoch' in log
+    record = json.loads((out / 'results.jsonl').read_text())
+    assert record['status'] == 'interrupted' and record['epochs'][0][0] == 0
+    assert os.path.exists(record['params'])
