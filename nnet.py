@@ -62,7 +62,7 @@ def theano_defaults():
       and GOMP_SPINCOUNT=10000 (unless set): after each parallel op, OpenMP's idle threads
       spin for a while and steal the cores that OpenBLAS's threads need for the next dot
       product; spinning less made a training step 10-15% faster on 2 cores, and it beat
-      single-threaded OpenBLAS (OPENBLAS_NUM_THREADS=1) too (bench/bench_cpu.py).
+      single-threaded OpenBLAS (OPENBLAS_NUM_THREADS=1) too (bench/bench_train.py).
     Returns the notes for the log, one string per decision.
     """
     user = _user_flags()
