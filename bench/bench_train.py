@@ -7,17 +7,24 @@
 Times the training step (forward, backward, momentum/decay update) on minibatches of
 100 already in memory, float32, both with the same number of threads (Theano: OpenMP
 and its BLAS; PyTorch: torch.set_num_threads).  Prints seconds per training epoch of
-NL = 40000 images (400 minibatches) for each and their ratio, best of --repeats
-alternating rounds, so that a noisy neighbour hits both alike.  The twin is skipped
-with a message when PyTorch is absent (pip install torch==2.13.0).  --only runs one side,
-for machines where no Python has both (the GPU machine: Theano in the gpu-kit bundle,
-PyTorch in the system Python); compare the two outputs' seconds by hand there.
+NL = 40000 images (400 minibatches) for each and their ratio, best of --repeats rounds.
+Each side runs in its own process, with its own OpenMP and BLAS set-up (in one process
+the second library's OpenMP runtime inherits the first one's settings, which slowed
+whichever side came second by up to 2x), and the processes alternate, so that a noisy
+neighbour hits both alike.  The twin is skipped with a message when PyTorch is absent
+(pip install torch==2.13.0).  --only=theano or --only=pytorch runs one side in this
+process: on the GPU machine no Python has both (Theano lives in the gpu-kit bundle,
+PyTorch in the system Python), so compare the two outputs' seconds there.
 """
+import importlib.util
 import os
+import subprocess
 import sys
 import time
 
 import numpy as np
+
+USER_ENV = dict(os.environ)     # before nnet adds its flags: each side's process starts from this
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
@@ -89,48 +96,64 @@ def torch_step(config, X, y, batches, threads, device):
     return run
 
 
+def measure(side, config, batches, rounds, torch_device):
+    """Seconds per minibatch, best of `rounds`, for one side in this process."""
+    rng = np.random.RandomState(0)
+    if side == 'theano':
+        import nnet
+        X = rng.randn(batches * BATCH, 3072).astype(nnet.floatX)
+    else:
+        X = rng.randn(batches * BATCH, 3072).astype('float32')
+    y = rng.randint(0, K, batches * BATCH).astype('int32')
+    run = (theano_step(config, X, y, batches) if side == 'theano'
+           else torch_step(config, X, y, batches, os.cpu_count(), torch_device))
+    return min(run() for _ in range(rounds))
+
+
 def main(argv):
     opts = dict(a[2:].split('=', 1) for a in argv if a.startswith('--'))
     configs = opts.get('configs', ','.join(CONFIGS)).split(',')
     batches = int(opts.get('batches', 100))
     repeats = int(opts.get('repeats', 3))
-    only = opts.get('only', 'both')
     torch_device = opts.get('torch-device', 'cpu')
-    threads = os.cpu_count()
-    torch = None
-    if only != 'theano':      # before nnet: PyTorch's OpenMP keeps its own defaults (nnet sets GOMP_SPINCOUNT)
-        try:
+    if 'only' in opts:                          # one side, in this process
+        if opts['only'] == 'theano':
+            import nnet
+            nnet.print_run_info()
+        else:
             import torch
-            print('# PyTorch %s, %d threads, device %s' % (torch.__version__, threads, torch_device))
-        except ImportError:
-            print('# PyTorch not installed: skipping the twin (pip install torch==2.13.0)')
-    floatX = 'float32'
-    if only != 'pytorch':
-        import nnet
-        nnet.print_run_info()
-        floatX = nnet.floatX
-    rng = np.random.RandomState(0)
-    X = rng.randn(batches * BATCH, 3072).astype(floatX)
-    y = rng.randint(0, K, batches * BATCH).astype('int32')
-    print('# seconds per training epoch (%d minibatches of %d), best of %d; %d timed minibatches'
-          % (NL // BATCH, BATCH, repeats, batches))
+            print('# PyTorch %s, %d threads, device %s' % (torch.__version__, os.cpu_count(), torch_device))
+        for config in configs:
+            seconds = measure(opts['only'], config, batches, repeats, torch_device) * NL / BATCH
+            print('%-12s %s %.3f' % (config, opts['only'], seconds), flush=True)
+        return
+    import nnet
+    nnet.print_run_info()
+    sides = ['theano']
+    if importlib.util.find_spec('torch'):
+        sides.append('pytorch')
+    else:
+        print('# PyTorch not installed: skipping the twin (pip install torch==2.13.0)')
+    print('# seconds per training epoch (%d minibatches of %d), best of %d rounds in %d alternating '
+          'processes a side; %d timed minibatches a round' % (NL // BATCH, BATCH, 2 * repeats, repeats, batches))
     print('%-12s %10s %10s %8s' % ('config', 'theano', 'pytorch', 'ratio'))
     for config in configs:
-        runners = {}
-        if only != 'pytorch':
-            runners['theano'] = theano_step(config, X, y, batches)
-        if torch:
-            runners['pytorch'] = torch_step(config, X, y, batches, threads, torch_device)
-        best = {name: run() for name, run in runners.items()}
-        for _ in range(repeats - 1):
-            for name, run in runners.items():
-                best[name] = min(best[name], run())
-        epoch = {name: t * NL / BATCH for name, t in best.items()}
-        both = len(epoch) == 2
-        print('%-12s %10s %10s %8s' % (
-            config, '%.2f' % epoch['theano'] if 'theano' in epoch else '-',
-            '%.2f' % epoch['pytorch'] if 'pytorch' in epoch else '-',
-            '%.2f' % (epoch['theano'] / epoch['pytorch']) if both else '-'), flush=True)
+        best = {}
+        for _ in range(repeats):
+            for side in sides:
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), '--only=' + side,
+                                      '--configs=' + config, '--batches=%d' % batches, '--repeats=2'],
+                                     env=USER_ENV, capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(out.stdout + out.stderr)
+                lines = out.stdout.strip().splitlines()
+                if side == 'pytorch' and config == configs[0] and 'pytorch' not in best:
+                    print(lines[0])                               # the twin's version line
+                seconds = float(lines[-1].split()[-1])
+                best[side] = min(best.get(side, seconds), seconds)
+        print('%-12s %10.2f %10s %8s' % (
+            config, best['theano'], '%.2f' % best['pytorch'] if 'pytorch' in best else '-',
+            '%.2f' % (best['theano'] / best['pytorch']) if 'pytorch' in best else '-'), flush=True)
 
 
 if __name__ == '__main__':
