@@ -142,7 +142,12 @@ def fetch(datadir):
         return folder
     archive = os.path.join(datadir, ARCHIVE)
     if not os.path.exists(archive):
-        download([URL], archive, ARCHIVE_MD5, ARCHIVE_BYTES)
+        try:
+            download([URL], archive, ARCHIVE_MD5, ARCHIVE_BYTES)
+        except DataError as e:
+            raise DataError('%s\nor put an extracted %s/ folder in %s, or point datadir (--datadir, '
+                            '$NNET_DATADIR) at the folder that holds one'
+                            % (e, FOLDER, os.path.abspath(datadir)))
     elif md5sum(archive) != ARCHIVE_MD5:
         raise DataError('%s has the wrong md5 (expected %s): delete it and run again to download'
                         % (archive, ARCHIVE_MD5))
