@@ -61,8 +61,8 @@ def theano_defaults():
     - openmp=True: Theano's C ops (convolution, pooling, elementwise) then use all cores,
       and GOMP_SPINCOUNT=10000 (unless set): after each parallel op, OpenMP's idle threads
       spin for a while and steal the cores that OpenBLAS's threads need for the next dot
-      product; spinning less made a training step 10-15% faster on 2 cores, and it beat
-      single-threaded OpenBLAS (OPENBLAS_NUM_THREADS=1) too (bench/bench_train.py).
+      product: a default training step took 19-25 ms with both threaded as is, about 9 ms
+      this way on 2 cores, and it beat OPENBLAS_NUM_THREADS=1 too (RESULTS.md).
     Returns the notes for the log, one string per decision.
     """
     user = _user_flags()
