@@ -109,18 +109,15 @@ def table(records):
     rows = ['| # | configuration | published CPU | published Tesla K20c | our test % | data s | compile s'
             ' | train s | total | epochs | device | date | data |',
             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
-    done = []
-    for r in records:
-        entry = config_of(r)
-        if entry is None or r.get('status') != 'completed':
-            continue
+    done = sorted(((config_of(r), r) for r in records if r.get('status') == 'completed' and config_of(r)),
+                  key=lambda d: (d[0][0], d[1]['date']))
+    for entry, r in done:
         s = r['seconds']
-        done.append((entry, r))
         rows.append('| %d | %s | %s | %s | **%.2f** | %.1f | %.1f | %.1f | %s | %d | %s | %s | %s |' % (
             entry[0], entry[1], entry[3][0] or '-', entry[3][1], r['test'][1], s['data'], s['compile'],
             s['train'], minutes(s['total']), r['settings']['nepoch'], r['device'], r['date'][:10],
             r['settings'].get('datanote') or r.get('data_dir', '')))
-    return rows, sorted(done, key=lambda d: (d[0][0], d[1]['date']))
+    return rows, done
 
 
 def pictures(done):
