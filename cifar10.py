@@ -270,6 +270,11 @@ def _load_cache(path, key):
         return None
 
 
+def _scaled(raw, dtype):
+    """Pixels / 255 in dtype, split by split."""
+    return {name: X.astype(dtype) / np.asarray(255, dtype) for name, (X, y) in raw.items()}
+
+
 def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=True, log=None):
     """The preprocessed split: dict with 'L', 'V', 'T' -> (X (N, 3072) dtype, y int32).
 
@@ -284,7 +289,7 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     raw = load_raw(datadir)
     labels = {name: y for name, (X, y) in raw.items()}
     if not zca:
-        X = {name: X.astype(dtype) / np.asarray(255, dtype) for name, (X, y) in raw.items()}
+        X = _scaled(raw, dtype)
         mean = X['L'].mean(axis=0, dtype=np.float64).astype(dtype)
         data = {name: (x - mean, labels[name]) for name, x in X.items()}
         log and log('data: mean subtracted, no ZCA (%.1f s)' % (time.time() - start))
@@ -293,7 +298,7 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     path = os.path.join(datadir, 'cache', 'cifar10-zca-' + key[:16])
     cached = _load_cache(path, key) if cache else None
     if cached is None:
-        X = {name: X.astype(dtype) / np.asarray(255, dtype) for name, (X, y) in raw.items()}
+        X = _scaled(raw, dtype)
         mean, W = fit_zca(X['L'], epsilon)
         cached = {'mean': mean, 'zca': W}
         for name, x in X.items():

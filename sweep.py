@@ -47,8 +47,13 @@ def settings_key(settings):
     return json.dumps({k: v for k, v in sorted(settings.items()) if k not in NOT_COMPARED})
 
 
+def as_recorded(overrides):
+    """Overrides as the JSON records hold them (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+
+
 def matches(record, config_overrides, base, device):
-    wanted = dict(base, **{k: list(v) if isinstance(v, tuple) else v for k, v in config_overrides.items()})
+    wanted = dict(base, **as_recorded(config_overrides))
     return (record.get('script') == 'cifar10_convnet' and record.get('status') == 'completed'
             and record.get('device') == device and settings_key(record['settings']) == settings_key(wanted))
 
@@ -92,11 +97,8 @@ def run(argv):
 def config_of(record):
     """The CONFIGS entry a record ran, if any (same overrides, other settings at their defaults)."""
     for entry in CONFIGS:
-        keys = set(entry[2])
-        if all(record['settings'].get(k) == (list(v) if isinstance(v, tuple) else v)
-               for k, v in entry[2].items()) and \
-           all(record['settings'].get(k) == v for k, v in (
-               ('W1dim', [16, 5, 5]), ('ds1', [4, 4]), ('st1', None), ('H3', None)) if k not in keys):
+        wanted = dict({'W1dim': [16, 5, 5], 'ds1': [4, 4], 'st1': None, 'H3': None}, **as_recorded(entry[2]))
+        if all(record['settings'].get(k) == v for k, v in wanted.items()):
             return entry
     return None
 
@@ -109,8 +111,8 @@ def table(records):
     rows = ['| # | configuration | published CPU | published Tesla K20c | our test % | data s | compile s'
             ' | train s | total | epochs | device | date | data |',
             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
-    done = sorted(((config_of(r), r) for r in records if r.get('status') == 'completed' and config_of(r)),
-                  key=lambda d: (d[0][0], d[1]['date']))
+    completed = [(config_of(r), r) for r in records if r.get('status') == 'completed']
+    done = sorted(((entry, r) for entry, r in completed if entry), key=lambda d: (d[0][0], d[1]['date']))
     for entry, r in done:
         s = r['seconds']
         rows.append('| %d | %s | %s | %s | **%.2f** | %.1f | %.1f | %.1f | %s | %d | %s | %s | %s |' % (
