@@ -189,18 +189,25 @@ def test_theano_defaults_fill_in_only_what_the_user_left_unset():
     import os
     import subprocess
     import sys
-    probe = ('import json, nnet; c = nnet.theano.config; '
-             'print(json.dumps([c.blas.ldflags, c.floatX, c.openmp, nnet.THEANO_NOTES]))')
+    probe = ('import json, os, nnet; c = nnet.theano.config; '
+             'print(json.dumps([c.blas.ldflags, c.floatX, c.openmp, c.allow_gc, '
+             'os.environ.get("OPENBLAS_THREAD_TIMEOUT"), nnet.THEANO_NOTES]))')
 
-    def config(flags):
-        env = dict(os.environ, THEANO_FLAGS=flags, THEANORC='/nonexistent')
-        env.pop('GOMP_SPINCOUNT', None)
+    def config(flags, **environ):
+        env = dict(os.environ, THEANO_FLAGS=flags, THEANORC='/nonexistent', **environ)
+        for name in ('GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT'):
+            if name not in environ:
+                env.pop(name, None)
         out = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True,
                              cwd=os.path.dirname(nnet.__file__))
         return json.loads(out.stdout.strip().splitlines()[-1])
-    ldflags, floatX, openmp, notes = config('')
+    ldflags, floatX, openmp, allow_gc, timeout, notes = config('')
     assert (ldflags == '-lopenblas') == (nnet.linkable_openblas() is not None)
-    assert floatX == 'float32' and openmp == bool(ldflags) and notes
-    ldflags, floatX, openmp, notes = config('floatX=float64,blas.ldflags=')
-    assert (ldflags, floatX, openmp) == ('', 'float64', False)          # the user's flags win
+    assert floatX == 'float32' and openmp == bool(ldflags) and notes and allow_gc is False
+    assert timeout == ('4' if openmp else None)
+    if openmp:
+        assert config('', OPENBLAS_THREAD_TIMEOUT='20')[4] == '20'
+    ldflags, floatX, openmp, allow_gc, timeout, notes = config('floatX=float64,blas.ldflags=,allow_gc=True')
+    assert (ldflags, floatX, openmp, allow_gc) == ('', 'float64', False, True)  # the user's flags win
+    assert timeout is None
     assert any('openmp stays off' in n for n in notes)
