@@ -187,6 +187,7 @@ def test_overrides_parse_literals_and_reject_unknown_names(capsys):
 
 def test_theano_defaults_fill_in_only_what_the_user_left_unset():
     import os
+    import platform
     import subprocess
     import sys
     probe = ('import json, os, nnet; c = nnet.theano.config; '
@@ -195,7 +196,7 @@ def test_theano_defaults_fill_in_only_what_the_user_left_unset():
 
     def config(flags, **environ):
         env = dict(os.environ, THEANO_FLAGS=flags, THEANORC='/nonexistent', **environ)
-        for name in ('GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT'):
+        for name in ('GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT') + nnet.MALLOC_SETTINGS:
             if name not in environ:
                 env.pop(name, None)
         out = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True,
@@ -207,6 +208,9 @@ def test_theano_defaults_fill_in_only_what_the_user_left_unset():
     assert timeout == ('4' if openmp else None)
     if openmp:
         assert config('', OPENBLAS_THREAD_TIMEOUT='20')[4] == '20'
+    glibc = platform.libc_ver()[0] == 'glibc'
+    assert any(n.startswith('malloc: mmap off') for n in notes) == glibc
+    assert not any(n.startswith('malloc') for n in config('', MALLOC_MMAP_MAX_='65536')[-1])
     ldflags, floatX, openmp, allow_gc, timeout, notes = config('floatX=float64,blas.ldflags=,allow_gc=True')
     assert (ldflags, floatX, openmp, allow_gc) == ('', 'float64', False, True)  # the user's flags win
     assert timeout is None
