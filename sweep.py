@@ -109,15 +109,16 @@ def minutes(seconds):
 
 def table(records):
     rows = ['| # | configuration | published CPU | published Tesla K20c | our test % | data s | compile s'
-            ' | train s | total | epochs | device | date | data |',
-            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+            ' | train s | total | epochs | device | BLAS | date | data |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     completed = [(config_of(r), r) for r in records if r.get('status') == 'completed']
     done = sorted(((entry, r) for entry, r in completed if entry), key=lambda d: (d[0][0], d[1]['date']))
     for entry, r in done:
         s = r['seconds']
-        rows.append('| %d | %s | %s | %s | **%.2f** | %.1f | %.1f | %.1f | %s | %d | %s | %s | %s |' % (
+        rows.append('| %d | %s | %s | %s | **%.2f** | %.1f | %.1f | %.1f | %s | %d | %s | %s | %s | %s |' % (
             entry[0], entry[1], entry[3][0] or '-', entry[3][1], r['test'][1], s['data'], s['compile'],
-            s['train'], minutes(s['total']), r['settings']['nepoch'], r['device'], r['date'][:10],
+            s['train'], minutes(s['total']), r['settings']['nepoch'], r['device'],
+            r.get('blas', '').split(' (')[0], r['date'][:10],
             r['settings'].get('datanote') or r.get('data_dir', '')))
     return rows, done
 

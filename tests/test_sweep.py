@@ -9,6 +9,7 @@ BASE = {'W1dim': [16, 5, 5], 'ds1': [4, 4], 'st1': None, 'H2': 1000, 'H3': None,
 def record(status='completed', device='cpu: X', **settings):
     return {'script': 'cifar10_convnet', 'status': status, 'device': device,
             'settings': dict(BASE, **settings), 'test': [1.0, 70.0], 'date': '2026-11-28T08:00:00',
+            'blas': 'OpenBLAS 0.3.21, Cooperlake kernels (-lopenblas)',
             'seconds': {'data': 1, 'compile': 2, 'train': 300, 'total': 303},
             'epochs': [[0, 2.3, 10, 2.3, 10, 1.0], [50, 0.1, 99, 1.8, 70, 300.0]]}
 
@@ -36,4 +37,4 @@ def test_table_lists_completed_runs_beside_the_published_numbers():
     rows, done = sweep.table([record(), record(status='interrupted'), record(W1dim=[64, 5, 5])])
     assert len(done) == 2 and len(rows) == 4
     assert rows[2].startswith('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** |')
-    assert '| 5m03s | 50 | cpu: X | 2026-11-28 | rebuilt |' in rows[2]
+    assert '| 5m03s | 50 | cpu: X | OpenBLAS 0.3.21, Cooperlake kernels | 2026-11-28 | rebuilt |' in rows[2]
