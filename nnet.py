@@ -251,8 +251,11 @@ class Trainer:
         for name, (X, y) in data.items():
             self.bounds[name] = (start, start + len(y))
             start += len(y)
-        self.X = theano.shared(np.concatenate([np.asarray(X, floatX) for X, y in data.values()]), 'X')
-        self.y = theano.shared(np.concatenate([np.asarray(y, 'int32') for X, y in data.values()]), 'y')
+        # borrow: the concatenation is ours alone, so no second 737 MB copy
+        self.X = theano.shared(np.concatenate([np.asarray(X, floatX) for X, y in data.values()]), 'X',
+                               borrow=True)
+        self.y = theano.shared(np.concatenate([np.asarray(y, 'int32') for X, y in data.values()]), 'y',
+                               borrow=True)
         self.eta = theano.shared(np.asarray(eta, floatX), 'eta')
         self.mu = theano.shared(np.asarray(mu, floatX), 'mu')
         self.lam = theano.shared(np.asarray(lam, floatX), 'lam')
