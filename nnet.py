@@ -145,8 +145,8 @@ floatX = theano.config.floatX
 # ---------------------------------------------------------------- layers
 
 # ReLU as max(a, 0): the values of T.nnet.relu's 0.5 (a + |a|), and the same gradient except
-# at exactly 0; its graph has no 0.5 constant, which compiled to modules (Dot22Scalar, a
-# DimShuffle) that Theano 1.0.5 cannot cache and rebuilt with g++ on every start (0.6 s).
+# at exactly 0; its graph has no 0.5 constant, which made a Dot22Scalar module that
+# Theano 1.0.5 cannot cache and rebuilt with g++ on every start (0.5 s).
 ACTIVATIONS = {'linear': lambda a: a, 'relu': lambda a: T.maximum(a, 0), 'softmax': T.nnet.softmax}
 W_STD = 0.01
 
