@@ -1,12 +1,13 @@
 """Reproduce the published experiment table: run the configurations, then tabulate and plot them.
 
-    python sweep.py run [--only=1,2,6] [--nepoch=50] [-- any --name=value for the driver]
+    python sweep.py run [--only=1,2,6] [--again] [--nepoch=50] [-- any --name=value for the driver]
     python sweep.py table                 # RESULTS.md + results/*.png from runs/results.jsonl
 
 `run` starts each configuration as its own `python cifar10_convnet.py --name=value ...`
 process (the device comes from THEANO_FLAGS, as always) and skips those already
 recorded as completed with the same settings on the same device, so an interrupted
-sweep resumes where it stopped.  `table` needs matplotlib for the pictures
+sweep resumes where it stopped; --again runs them anyway (after a change of code, flags
+or BLAS, which the settings do not capture: the record and the table keep both runs).  `table` needs matplotlib for the pictures
 (pip install -r requirements-plot.txt).
 """
 import json
@@ -58,11 +59,19 @@ def matches(record, config_overrides, base, device):
             and record.get('device') == device and settings_key(record['settings']) == settings_key(wanted))
 
 
+def to_run(only, again, base, device, records):
+    """(entry, already recorded) for each configuration asked for."""
+    return [(entry, not again and any(matches(r, entry[2], base, device) for r in records))
+            for entry in CONFIGS if not only or entry[0] in only]
+
+
 def run(argv):
-    only, extra = None, []
+    only, again, extra = None, False, []
     for arg in argv:
         if arg.startswith('--only='):
             only = {int(n) for n in arg[7:].split(',')}
+        elif arg == '--again':
+            again = True
         else:
             extra.append(arg)
     driver = [sys.executable, os.path.join(HERE, 'cifar10_convnet.py')]
@@ -71,10 +80,8 @@ def run(argv):
         sys.exit(probe.stderr)
     lines = probe.stdout.strip().splitlines()
     base, device = json.loads(lines[-1]), json.loads(lines[-2])['device']
-    for number, title, overrides, _ in CONFIGS:
-        if only and number not in only:
-            continue
-        if any(matches(r, overrides, base, device) for r in read_records()):
+    for (number, title, overrides, _), recorded in to_run(only, again, base, device, read_records()):
+        if recorded:
             print('# %d. %s: already recorded on %s, skipped' % (number, title, device), flush=True)
             continue
         args = ['--%s=%s' % (k, repr(v).replace(' ', '')) for k, v in overrides.items()]

@@ -31,6 +31,10 @@ def test_resume_skips_only_completed_runs_of_the_same_settings_and_device():
     assert not sweep.matches(done, overrides, BASE, 'cuda: H100')
     assert not sweep.matches(record(status='interrupted', W1dim=[64, 5, 5]), overrides, BASE, 'cpu: X')
     assert not sweep.matches(done, overrides, dict(BASE, nepoch=5), 'cpu: X')
+    plan = sweep.to_run({1, 2}, False, BASE, 'cpu: X', [done])
+    assert [(entry[0], recorded) for entry, recorded in plan] == [(1, False), (2, True)]
+    plan = sweep.to_run({2}, True, BASE, 'cpu: X', [done])      # --again
+    assert [(entry[0], recorded) for entry, recorded in plan] == [(2, False)]
 
 
 def test_table_lists_completed_runs_beside_the_published_numbers():
