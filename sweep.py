@@ -131,15 +131,17 @@ def table(records):
 
 
 def pictures(done):
-    """Learning curves of each run and the first layer's filters of the default run, as PNGs."""
+    """Learning curves of each configuration's latest run and the first layer's filters of the
+    latest default run, as PNGs."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     import numpy as np
     os.makedirs(PICTURES, exist_ok=True)
     names = []
+    latest = {entry[0]: (entry, r) for entry, r in done}       # done is in (number, date) order
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for entry, r in done:
+    for entry, r in latest.values():
         e = np.array(r['epochs'])
         line, = axes[0].plot(e[:, 0], e[:, 1], '--', alpha=0.7)
         axes[0].plot(e[:, 0], e[:, 3], '-', color=line.get_color(), label='%d. %s' % entry[:2])
