@@ -7,8 +7,8 @@
 process (the device comes from THEANO_FLAGS, as always) and skips those already
 recorded as completed with the same settings on the same device, so an interrupted
 sweep resumes where it stopped; --again runs them anyway (after a change of code, flags
-or BLAS, which the settings do not capture: the record and the table keep both runs).  `table` needs matplotlib for the pictures
-(pip install -r requirements-plot.txt).
+or BLAS, which the settings do not capture: the records and the table keep both runs).
+`table` needs matplotlib for the pictures (pip install -r requirements-plot.txt).
 """
 import json
 import os
