@@ -28,6 +28,8 @@ nepoch = 50
 ZCAwhitening = True
 Wstd = 0.01              # initial weights: zero-mean normal of this std (b = 0)
 seed = 0                 # weight initialisation
+conv = 'auto'            # how the convolution is computed, same values: 'conv2d' (Theano's CorrMM),
+                         # 'im2col' (one product a minibatch); auto: im2col on the GPU, else conv2d
 datadir = None           # holds cifar-10-batches-py/; None: $NNET_DATADIR, else ./data here
 outdir = 'runs'          # results.jsonl and the saved parameters
 datanote = ''            # free text kept with the record, e.g. where the data came from
@@ -43,6 +45,10 @@ import convnet                          # noqa: E402
 
 
 def main():
+    try:
+        conv_used = convnet.conv_impl(conv)
+    except ValueError as e:
+        sys.exit('error: %s' % e)
     info = nnet.print_run_info()
     try:
         data = cifar10.load(datadir, zca=ZCAwhitening, dtype=nnet.floatX,
@@ -52,12 +58,13 @@ def main():
     t_data = time.time() - _t_start
 
     net = convnet.CNN(np.random.RandomState(seed), cifar10.XDIM, [(W1dim[0], W1dim[1:], ds1, st1)],
-                      [h for h in (H2, H3) if h], len(cifar10.CLASSES), Wstd)
+                      [h for h in (H2, H3) if h], len(cifar10.CLASSES), Wstd, conv_used)
     print('### Conv-Pool-ReLu-Softmax   Xdim:', cifar10.XDIM)
     print('#   W1dim:', W1dim, ' ds1:', ds1, ' st1:', st1, ' H1:', net.H1)
     print('#   H2:', H2, *(['  H3:', H3] if H3 else []))
     print('# eta = ', eta, ' mu = ', mu, ' lam = ', lam)
     print('# ZCAwhitening = ', ZCAwhitening)
+    print('# convolution: %s' % conv_used)
     print('### training:   NL = ', len(data['L'][1]), ' NV = ', len(data['V'][1]),
           ' K = ', len(cifar10.CLASSES), ' batchsize = ', batchsize, flush=True)
 
@@ -66,7 +73,8 @@ def main():
     print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
 
     return nnet.train_and_log(trainer, nepoch, 'cifar10_convnet', {k: globals()[k] for k in config}, info,
-                              outdir, _t_start, t_data, H1=net.H1, data_dir=os.path.abspath(datadir or cifar10.default_datadir()))
+                              outdir, _t_start, t_data, H1=net.H1, conv_impl=conv_used,
+                              data_dir=os.path.abspath(datadir or cifar10.default_datadir()))
 
 
 if __name__ == '__main__':

@@ -5,17 +5,36 @@ Cost, updates, evaluation, saving: nnet.Network and nnet.Trainer, unchanged.
 import nnet                                  # first: it sets Theano's flags, then imports Theano
 import numpy as np
 import theano.tensor as T
+from theano.tensor.nnet.neighbours import images2neibs
 from theano.tensor.signal.pool import pool_2d
+
+CONV_IMPLS = ('conv2d', 'im2col')
+
+
+def conv_impl(name):
+    """'auto' -> 'im2col' on the GPU, 'conv2d' on the CPU; other names are checked and returned."""
+    if name == 'auto':
+        return 'im2col' if nnet.gpu_asked() else 'conv2d'
+    if name not in CONV_IMPLS:
+        raise ValueError('convolution %r: use one of %s or auto' % (name, ', '.join(CONV_IMPLS)))
+    return name
 
 
 class ConvLayer:
     """nfilter filters of C x h x w over (C, H, W) inputs: stride 1, no padding, no bias.
 
     A cross-correlation (filters not flipped, as in today's frameworks), so the learnt
-    filters show as they are applied.
+    filters show as they are applied.  Two ways to compute it, same values:
+      impl='conv2d': Theano's conv2d, which compiles to CorrMM on the CPU (the faster one
+        there: 8.8 against 10.6 ms a training step) and to GpuCorrMM on the GPU, which
+        loops over the minibatch: an im2col kernel and a small cuBLAS product per image,
+        200 launches for the forward pass of 100 images and 200 more for the gradient.
+      impl='im2col': the patches of the whole minibatch as one matrix (Images2Neibs, one
+        kernel on the GPU), times the filters in one matrix product; the gradient is one
+        more product.
     """
 
-    def __init__(self, rng, input_shape, nfilter, filter_size, Wstd=nnet.W_STD):
+    def __init__(self, rng, input_shape, nfilter, filter_size, Wstd=nnet.W_STD, impl='conv2d'):
         C, H, W = input_shape
         h, w = filter_size
         self.filter_shape = (nfilter, C, h, w)
@@ -23,10 +42,21 @@ class ConvLayer:
         self.params = self.decay = [self.W]
         self.input_shape = tuple(input_shape)
         self.output_shape = (nfilter, H - h + 1, W - w + 1)
+        self.impl = conv_impl(impl)
 
     def output(self, x):
-        return T.nnet.conv2d(x, self.W, input_shape=(None,) + self.input_shape,
-                             filter_shape=self.filter_shape, filter_flip=False)
+        if self.impl == 'conv2d':
+            return T.nnet.conv2d(x, self.W, input_shape=(None,) + self.input_shape,
+                                 filter_shape=self.filter_shape, filter_flip=False)
+        F, C, h, w = self.filter_shape
+        _, oh, ow = self.output_shape
+        n = x.shape[0]
+        # rows (image, channel, position) of h*w pixels -> rows (image, position) of C*h*w
+        patches = images2neibs(x, (h, w), (1, 1), mode='valid')
+        patches = patches.reshape((n, C, oh * ow, h * w)).dimshuffle(0, 2, 1, 3).reshape((n * oh * ow, C * h * w))
+        filters = self.W.dimshuffle(1, 2, 3, 0).reshape((C * h * w, F))   # one column a filter
+        out = T.dot(patches, filters)
+        return out.reshape((n, oh, ow, F)).dimshuffle(0, 3, 1, 2)
 
 
 class PoolLayer:
@@ -66,13 +96,14 @@ class CNN(nnet.Network):
     """Conv-Pool stages, then fully connected ReLU layers, then a softmax over K classes.
 
     convpool: a list of (nfilter, (h, w), ds, st) stages; hidden: the sizes of the
-    ReLU layers after flattening; Wstd: the initial weights' standard deviation.
+    ReLU layers after flattening; Wstd: the initial weights' standard deviation;
+    conv: how to compute the convolutions (ConvLayer's impl, or 'auto').
     """
 
-    def __init__(self, rng, input_shape, convpool, hidden, K, Wstd=nnet.W_STD):
+    def __init__(self, rng, input_shape, convpool, hidden, K, Wstd=nnet.W_STD, conv='conv2d'):
         layers, shape = [], tuple(input_shape)
         for nfilter, filter_size, ds, st in convpool:
-            layers.append(ConvLayer(rng, shape, nfilter, filter_size, Wstd))
+            layers.append(ConvLayer(rng, shape, nfilter, filter_size, Wstd, conv))
             layers.append(PoolLayer(layers[-1].output_shape, ds, st))
             shape = layers[-1].output_shape
         layers.append(FlattenLayer(shape))

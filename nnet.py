@@ -377,9 +377,14 @@ def blas_description():
     return flags or "numpy C-API fallback (blas.ldflags='')"
 
 
+def gpu_asked():
+    """THEANO_FLAGS ask for a GPU (device=cuda...; Theano's old back end said gpu...)."""
+    return theano.config.device.startswith(('cuda', 'gpu'))
+
+
 def device_description():
     device = theano.config.device
-    if device.startswith('cuda') or device.startswith('gpu'):
+    if gpu_asked():
         try:
             from theano.gpuarray.type import get_context
             return '%s (%s)' % (get_context(None).devname, device)
@@ -405,7 +410,7 @@ def run_info():
 def require_gpu_if_asked(trainer):
     """Theano falls back to the CPU silently when the GPU cannot start: refuse to run mislabelled."""
     device = theano.config.device
-    if not (device.startswith('cuda') or device.startswith('gpu')) or trainer.uses_gpu():
+    if not gpu_asked() or trainer.uses_gpu():
         return
     try:
         import pygpu  # noqa: F401

@@ -33,8 +33,8 @@ CONFIGS = [
     (6, '64 filters, overlapping pool 4x4 stride 2x2', {'W1dim': (64, 5, 5), 'st1': (2, 2)},
      ('', 'abandoned: 30 min an epoch, GPU idle')),
 ]
-# settings that do not change what is computed
-NOT_COMPARED = {'datadir', 'outdir', 'datanote'}
+# settings that do not change what is computed (conv: the same values, computed another way)
+NOT_COMPARED = {'datadir', 'outdir', 'datanote', 'conv'}
 
 
 def read_records(path=RESULTS):

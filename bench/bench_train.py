@@ -1,6 +1,7 @@
 """Training speed: our Theano network against a PyTorch twin, in one run, same shapes.
 
     python bench/bench_train.py [--configs=default,64,64-overlap] [--batches=100] [--repeats=3]
+                                [--conv=auto|conv2d|im2col]
     THEANO_FLAGS=device=cuda python bench/bench_train.py --only=theano      # GPU, Theano side
     python3 bench/bench_train.py --only=pytorch --torch-device=cuda         # GPU, PyTorch side
 
@@ -15,6 +16,7 @@ neighbour hits both alike.  The twin is skipped with a message when PyTorch is a
 (pip install torch==2.13.0).  --only=theano or --only=pytorch runs one side in this
 process: on the GPU machine no Python has both (Theano lives in the gpu-kit bundle,
 PyTorch in the system Python), so compare the two outputs' seconds there.
+--conv picks how the Theano side computes the convolution (convnet.ConvLayer's impl).
 """
 import importlib.util
 import os
@@ -37,11 +39,11 @@ NL, BATCH, XDIM, H2, K = 40000, 100, (3, 32, 32), 1000, 10
 ETA, MU, LAM = 0.01, 0.9, 0.0001
 
 
-def theano_step(config, X, y, batches):
+def theano_step(config, X, y, batches, conv):
     import convnet
     import nnet
     F, ds, st = CONFIGS[config]
-    net = convnet.CNN(np.random.RandomState(0), XDIM, [(F, (5, 5), ds, st)], [H2], K)
+    net = convnet.CNN(np.random.RandomState(0), XDIM, [(F, (5, 5), ds, st)], [H2], K, conv=conv)
     trainer = nnet.Trainer(net, {'L': (X, y)}, BATCH, ETA, MU, LAM, input_shape=XDIM)
     spans = trainer.batches('L')[:batches]
 
@@ -96,7 +98,7 @@ def torch_step(config, X, y, batches, threads, device):
     return run
 
 
-def measure(side, config, batches, rounds, torch_device):
+def measure(side, config, batches, rounds, torch_device, conv):
     """Seconds per minibatch, best of `rounds`, for one side in this process."""
     rng = np.random.RandomState(0)
     if side == 'theano':
@@ -105,7 +107,7 @@ def measure(side, config, batches, rounds, torch_device):
     else:
         X = rng.randn(batches * BATCH, 3072).astype('float32')
     y = rng.randint(0, K, batches * BATCH).astype('int32')
-    run = (theano_step(config, X, y, batches) if side == 'theano'
+    run = (theano_step(config, X, y, batches, conv) if side == 'theano'
            else torch_step(config, X, y, batches, os.cpu_count(), torch_device))
     return min(run() for _ in range(rounds))
 
@@ -116,15 +118,18 @@ def main(argv):
     batches = int(opts.get('batches', 100))
     repeats = int(opts.get('repeats', 3))
     torch_device = opts.get('torch-device', 'cpu')
+    conv = opts.get('conv', 'auto')
     if 'only' in opts:                          # one side, in this process
         if opts['only'] == 'theano':
+            import convnet
             import nnet
             nnet.print_run_info()
+            print('# convolution: %s' % convnet.conv_impl(conv))
         else:
             import torch
             print('# PyTorch %s, %d threads, device %s' % (torch.__version__, os.cpu_count(), torch_device))
         for config in configs:
-            seconds = measure(opts['only'], config, batches, repeats, torch_device) * NL / BATCH
+            seconds = measure(opts['only'], config, batches, repeats, torch_device, conv) * NL / BATCH
             print('%-12s %s %.3f' % (config, opts['only'], seconds), flush=True)
         return
     import nnet
@@ -142,7 +147,8 @@ def main(argv):
         for _ in range(repeats):
             for side in sides:
                 out = subprocess.run([sys.executable, os.path.abspath(__file__), '--only=' + side,
-                                      '--configs=' + config, '--batches=%d' % batches, '--repeats=2'],
+                                      '--configs=' + config, '--batches=%d' % batches, '--repeats=2',
+                                      '--conv=' + conv],
                                      env=USER_ENV, capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(out.stdout + out.stderr)

@@ -37,14 +37,33 @@ def np_maxpool(x, ds, st):
     return out
 
 
-def test_conv_layer_is_an_unpadded_stride_1_correlation_without_bias():
+@pytest.mark.parametrize('impl', convnet.CONV_IMPLS)
+def test_conv_layer_is_an_unpadded_stride_1_correlation_without_bias(impl):
     rng = np.random.RandomState(0)
-    layer = convnet.ConvLayer(rng, (3, 9, 8), 4, (3, 2))
+    layer = convnet.ConvLayer(rng, (3, 9, 8), 4, (3, 2), impl=impl)
     assert layer.output_shape == (4, 7, 7) and layer.params == [layer.W]
     x = rng.randn(2, 3, 9, 8).astype(floatX)
     x_ = T.tensor4()
     out = theano.function([x_], layer.output(x_))(x)
     np.testing.assert_allclose(out, np_correlate(x, layer.W.get_value()), rtol=1e-4, atol=1e-5)
+
+
+def test_conv_impl_auto_is_conv2d_on_the_cpu_and_unknown_names_are_refused():
+    assert convnet.conv_impl('auto') == 'conv2d' and convnet.conv_impl('im2col') == 'im2col'
+    with pytest.raises(ValueError, match='conv2d, im2col or auto'):
+        convnet.ConvLayer(np.random.RandomState(0), (3, 9, 8), 4, (3, 2), impl='fft')
+
+
+def test_im2col_convolution_gradient_matches_finite_differences():
+    rng = np.random.RandomState(0)
+    x = rng.randn(2, 3, 6, 5)
+    layer = convnet.ConvLayer(rng, (3, 6, 5), 2, (3, 2), impl='im2col')
+    target = rng.randn(2, 2, 4, 4)
+
+    def cost(W):
+        layer.W = W                              # the layer's graph with W as the variable
+        return (layer.output(T.as_tensor_variable(x)) * target).sum()     # any upstream gradient
+    theano.gradient.verify_grad(cost, [rng.randn(2, 3, 3, 2)], rng=rng, eps=1e-3, abs_tol=1e-3, rel_tol=1e-3)
 
 
 @pytest.mark.parametrize('ds, st, shape', [((4, 4), None, (3, 3, 2)), ((4, 4), (2, 2), (3, 5, 4)),
@@ -84,15 +103,20 @@ def python_ops(fn):
             if not hasattr(thunk, 'cthunk')]
 
 
-@pytest.mark.parametrize('ds, st', [((4, 4), None), ((4, 4), (2, 2))])
-def test_training_function_compiles_to_c_ops_only(ds, st):
+@pytest.mark.parametrize('ds, st, conv', [((4, 4), None, 'conv2d'), ((4, 4), (2, 2), 'conv2d'),
+                                          ((4, 4), (2, 2), 'im2col')])
+def test_training_function_compiles_to_c_ops_only(ds, st, conv):
     rng = np.random.RandomState(0)
-    net = convnet.CNN(rng, (3, 32, 32), [(4, (5, 5), ds, st)], [10], 10)
+    net = convnet.CNN(rng, (3, 32, 32), [(4, (5, 5), ds, st)], [10], 10, conv=conv)
     X = rng.randn(20, 3072).astype(floatX)
     trainer = nnet.Trainer(net, {'L': (X, rng.randint(0, 10, 20).astype('int32'))}, 10, 0.01, 0.9, 1e-4,
                            input_shape=(3, 32, 32))
-    ops = {type(node.op).__name__ for node in trainer.train_fn.maker.fgraph.apply_nodes}
-    assert {'CorrMM', 'CorrMM_gradWeights', 'Pool', 'MaxPoolGrad'} <= ops
+    ops = [type(node.op).__name__ for node in trainer.train_fn.maker.fgraph.apply_nodes]
+    assert {'Pool', 'MaxPoolGrad'} <= set(ops)
+    if conv == 'conv2d':
+        assert {'CorrMM', 'CorrMM_gradWeights'} <= set(ops)
+    else:       # patches once, then products: forward, filter gradient, and the dense layers'
+        assert ops.count('Images2Neibs') == 1 and 'CorrMM' not in ops
     assert python_ops(trainer.train_fn) == [] and python_ops(trainer.eval_fn) == []
 
 
@@ -115,7 +139,8 @@ def test_cifar10_convnet_runs_end_to_end(tmp_path):
     for line in ['### Conv-Pool-ReLu-Softmax   Xdim: (3, 32, 32)',
                  '#   W1dim: (4, 5, 5)  ds1: (4, 4)  st1: None  H1: 196',
                  '#   H2: 32', '# eta =  0.01  mu =  0.9  lam =  0.0001', '# ZCAwhitening =  True',
-                 '### training:   NL =  800  NV =  200  K =  10  batchsize =  100', '# NT =  200']:
+                 '### training:   NL =  800  NV =  200  K =  10  batchsize =  100', '# NT =  200',
+                 '# convolution: conv2d']:
         assert line + '\n' in log
     rows = re.findall('^' + ROW + '$', log, re.M)
     assert [r.split()[0] for r in rows] == ['0', '1', '2']
@@ -132,17 +157,23 @@ def test_cifar10_convnet_runs_end_to_end(tmp_path):
 def test_cifar10_convnet_overlapping_pool_and_second_layer(tmp_path):
     make_cifar(str(tmp_path), rows=100)
     result = run_script('cifar10_convnet.py', '--W1dim=(2,5,5)', '--st1=(2,2)', '--H2=8', '--H3=8',
-                        '--nepoch=1', '--ZCAwhitening=False', '--datadir=%s' % tmp_path,
+                        '--nepoch=1', '--ZCAwhitening=False', '--conv=im2col', '--datadir=%s' % tmp_path,
                         '--outdir=%s' % (tmp_path / 'runs'))
     assert result.returncode == 0, result.stdout + result.stderr
     assert '#   W1dim: (2, 5, 5)  ds1: (4, 4)  st1: (2, 2)  H1: 338\n' in result.stdout
     assert '#   H2: 8   H3: 8\n' in result.stdout
     assert '# override: st1 = (2, 2)\n' in result.stdout
+    assert '# convolution: im2col\n' in result.stdout
+    record = json.loads((tmp_path / 'runs' / 'results.jsonl').read_text())
+    assert record['conv_impl'] == 'im2col' and record['settings']['conv'] == 'im2col'
 
 
 def test_drivers_reject_unknown_settings_and_report_missing_data(tmp_path):
     result = run_script('cifar10_convnet.py', '--filters=64')
     assert result.returncode != 0 and 'W1dim=(16, 5, 5)' in result.stderr
+    result = run_script('cifar10_convnet.py', '--conv=fft')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert "error: convolution 'fft': use one of conv2d, im2col or auto" in result.stderr
     result = run_script('cifar10_convnet.py', '--datadir=%s' % tmp_path, NO_NETWORK='1',
                         http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
