@@ -1,53 +1,121 @@
 #!/usr/bin/env bash
-# One GPU session, in order, for the device machine (H100/H200), logs under $OUT:
-#   check.py, then the default run (time), the 64-filter and the overlapping-pool runs on the
-#   GPU, then the default run on the same machine's CPU, so the ratio comes from one machine.
+# The GPU measurements on the device machine (H100/H200), in one call: logs under $OUT.
 #
-# Prepare here first (ignored by git, sent with `carry`):
+# Prepare here (ignored by git; both folders travel with `carry`, about 51 MB together):
 #   bash ../shared/gpu-kit/make-bundle.sh .gpu-bundle
-#   mkdir -p .gpu-carry && cp ../shared/data/cifar10-jpeg.tar.gz ../shared/tools/make_cifar10.py .gpu-carry/
-# and run there:   bash bench/gpu_session.sh gpu     then    bash bench/gpu_session.sh cpu
-# (carry: .gpu-bundle .gpu-carry; two calls, as one device command may run 10 minutes at most).
-# Settings: NEPOCH (50) for the GPU runs, CPU_NEPOCH (5) for the CPU run: the bundle's CPU
-# path uses numpy's BLAS fallback, so a 50-epoch CPU run may not fit one call; the log's
-# per-epoch column gives the rate to compare.
+#   bash bench/gpu_session.sh prepare     # .gpu-carry: CIFAR-10 JPEGs, their rebuild tool, OpenBLAS
+# Run there:
+#   bash bench/gpu_session.sh                       # every step below, in this order
+#   bash bench/gpu_session.sh cpu-default gpu-64    # chosen steps (data and bundle are set up anyway)
+# Steps, most wanted first (each appends to $OUT/session.log and writes $OUT/<step>.log):
+#   check             nvidia-smi, the bundle's check.py (GPU ops, gradients against the CPU)
+#   gpu-default       `time` of the published run, compile cache cold
+#   bench             seconds per training epoch: Theano (conv im2col and conv2d) and PyTorch
+#                     (the machine's own python3) on the same GPU, default and 64-overlap
+#   profile           Theano's profile of the default training step on the GPU
+#   gpu-default-warm  the published run again, compile cache warm: the 60 s target
+#   gpu-64-overlap    64 filters, overlapping 4x4 pooling at stride 2
+#   cpu-default       the published run on this machine's CPU (device=cpu, carried OpenBLAS)
+#   gpu-64            64 filters
+# DEADLINE (seconds, default 500) bounds the whole call: a step still running then gets
+# SIGTERM, and the driver writes its partial record (every logged epoch, with seconds);
+# steps not started are listed as skipped.  NEPOCH (default 50) for every run.
 set -u
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+
+if [ "${1:-}" = prepare ]; then
+  mkdir -p .gpu-carry/openblas
+  cp ../shared/data/cifar10-jpeg.tar.gz ../shared/tools/make_cifar10.py .gpu-carry/
+  # Debian's OpenBLAS (pthreads) and its Fortran runtime, for the CPU run: the bundle has
+  # only Theano's numpy BLAS fallback, which runs without OpenMP and is no fair CPU figure.
+  for lib in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
+    cp -L "$(ldconfig -p | awk -v l=$lib '$1 == l && /x86-64/ {print $NF; exit}')" .gpu-carry/openblas/ || exit 1
+  done
+  ln -sf libopenblas.so.0 .gpu-carry/openblas/libopenblas.so
+  tar -C .gpu-carry -cJf .gpu-carry/openblas.tar.xz openblas && rm -r .gpu-carry/openblas
+  du -sh .gpu-bundle .gpu-carry 2>/dev/null
+  exit 0
+fi
+
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 NEPOCH=${NEPOCH:-50}
-CPU_NEPOCH=${CPU_NEPOCH:-5}
-stage=${1:-gpu}
+DEADLINE_AT=$(( $(date +%s) + ${DEADLINE:-500} ))
 data=/tmp/cifar-data
+openblas=/tmp/gpu-session-openblas
 note='CIFAR-10 rebuilt from ../shared JPEGs'
 exec > >(tee -a "$OUT/session.log") 2>&1
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(check gpu-default bench profile gpu-default-warm gpu-64-overlap cpu-default gpu-64)
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-# The machine's own python3 has numpy and Pillow: rebuild CIFAR-10 there (about 10 s).
+# The machine's own python3 (numpy, Pillow, PyTorch) rebuilds the data and runs the twin;
+# Theano runs in the bundle's Python 3.11, sourced inside each Theano step only.
 if [ ! -d "$data/cifar-10-batches-py" ]; then
   mkdir -p .gpu-carry/tools .gpu-carry/data
   cp .gpu-carry/make_cifar10.py .gpu-carry/tools/
   cp .gpu-carry/cifar10-jpeg.tar.gz .gpu-carry/data/
   python3 .gpu-carry/tools/make_cifar10.py "$data" || exit 1
 fi
-source .gpu-bundle/activate.sh || exit 1
-export NNET_DATADIR=$data PYTHONUNBUFFERED=1
+mkdir -p "$openblas" && tar -C "$openblas" --strip-components=1 -xJf .gpu-carry/openblas.tar.xz || exit 1
+export NNET_DATADIR=$data PYTHONUNBUFFERED=1 OUT NEPOCH data openblas note
 
-if [ "$stage" = gpu ]; then
-  echo "== check.py"
-  THEANO_FLAGS=device=cuda,floatX=float32 python .gpu-bundle/check.py || exit 1
-fi
-
-run() {  # name, then THEANO_FLAGS, then driver arguments
-  local name=$1 flags=$2; shift 2
-  echo "== $name: THEANO_FLAGS=$flags $*"
-  { time THEANO_FLAGS=$flags python cifar10_convnet.py --outdir="$OUT/runs" "--datanote=$note" "$@" ; } \
-    2>&1 | tee "$OUT/$name.log"
+theano() {  # THEANO_FLAGS, then a command: run in the bundle
+  local flags=$1; shift
+  ( source .gpu-bundle/activate.sh >/dev/null && THEANO_FLAGS=$flags exec "$@" )
 }
-if [ "$stage" = gpu ]; then
-  run gpu-default device=cuda --nepoch="$NEPOCH"
-  run gpu-default-warm device=cuda --nepoch="$NEPOCH"        # compile cache warm: the 60 s target
-  run gpu-64 device=cuda --nepoch="$NEPOCH" --W1dim="(64,5,5)"
-  run gpu-64-overlap device=cuda --nepoch="$NEPOCH" --W1dim="(64,5,5)" --st1="(2,2)"
-else
-  run cpu-default device=cpu --nepoch="$CPU_NEPOCH"
-fi
+
+drive() {  # THEANO_FLAGS, then driver arguments: the published run, timed
+  local flags=$1; shift
+  echo "THEANO_FLAGS=$flags python cifar10_convnet.py $*"
+  time theano "$flags" python cifar10_convnet.py --outdir="$OUT/runs" "--datanote=$note" --nepoch="$NEPOCH" "$@"
+}
+
+step() {
+  case $1 in
+    check)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+      lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Core)'
+      theano device=cuda,floatX=float32 python .gpu-bundle/check.py ;;
+    gpu-default|gpu-default-warm) drive device=cuda ;;
+    gpu-64) drive device=cuda --W1dim="(64,5,5)" ;;
+    gpu-64-overlap) drive device=cuda --W1dim="(64,5,5)" --st1="(2,2)" ;;
+    cpu-default)   # OpenBLAS and OpenMP as on any CPU; the bundle's own THEANORC says blas.ldflags=
+      LIBRARY_PATH=$openblas LD_LIBRARY_PATH=$openblas${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+        drive "device=cpu,blas.ldflags=-L$openblas -lopenblas" ;;
+    bench)
+      for conv in im2col conv2d; do
+        theano device=cuda python bench/bench_train.py --only=theano --conv=$conv \
+          --configs=default,64-overlap --batches=100 --repeats=3
+      done
+      if python3 -c 'import torch; assert torch.cuda.is_available()'; then
+        python3 bench/bench_train.py --only=pytorch --torch-device=cuda \
+          --configs=default,64-overlap --batches=100 --repeats=3
+      else
+        echo 'no PyTorch with CUDA in the machine python3: no twin'
+      fi ;;
+    profile)
+      theano device=cuda,profile=True python bench/bench_train.py --only=theano \
+        --configs=default --batches=200 --repeats=1 ;;
+    *) echo "unknown step $1"; return 2 ;;
+  esac
+}
+export -f theano drive step
+
+for s in "${steps[@]}"; do
+  left=$(( DEADLINE_AT - $(date +%s) ))
+  if [ $left -lt 30 ]; then
+    echo "== $s: skipped, ${left} s left before the deadline"
+    continue
+  fi
+  echo "== $s ($(date +%T), ${left} s left)"
+  # timeout signals the step's whole process group: the driver inside gets the SIGTERM
+  timeout --signal=TERM --kill-after=20 $left bash -c "step $s" 2>&1 | tee "$OUT/$s.log"
+  code=${PIPESTATUS[0]}
+  echo "== $s: exit $code"
+  if [ "$s" = check ] && [ "$code" != 0 ]; then
+    echo '== check failed: no GPU runs (they would not measure the GPU)'
+    break
+  fi
+done
+ls -l "$OUT/runs" 2>/dev/null
