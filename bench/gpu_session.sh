@@ -20,6 +20,9 @@
 # DEADLINE (seconds, default 500) bounds the whole call: a step still running then gets
 # SIGTERM, and the driver writes its partial record (every logged epoch, with seconds);
 # steps not started are listed as skipped.  NEPOCH (default 50) for every run.
+# The compile caches (Theano's modules, libgpuarray's kernels) come back as
+# $OUT/compile-cache.tgz.part-*: put those files in .gpu-carry/ and the next call on the
+# same kind of machine starts warm (a fresh machine otherwise compiles for minutes).
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -58,6 +61,12 @@ if [ ! -d "$data/cifar-10-batches-py" ]; then
   python3 .gpu-carry/tools/make_cifar10.py "$data" || exit 1
 fi
 mkdir -p "$openblas" && tar -C "$openblas" --strip-components=1 -xJf .gpu-carry/openblas.tar.xz || exit 1
+cache=/tmp/gpu-session-cache
+mkdir -p "$cache/theano" "$cache/kernels"
+if ls .gpu-carry/compile-cache.tgz.part-* >/dev/null 2>&1; then
+  cat .gpu-carry/compile-cache.tgz.part-* | tar -C "$cache" -xzf - && echo "compile caches restored: $(du -sh "$cache" | cut -f1)"
+fi
+export GPUKIT_COMPILEDIR=$cache/theano GPUARRAY_CACHE_PATH=$cache/kernels
 export NNET_DATADIR=$data PYTHONUNBUFFERED=1 OUT NEPOCH data openblas note
 
 theano() {  # THEANO_FLAGS, then a command: run in the bundle
@@ -118,4 +127,5 @@ for s in "${steps[@]}"; do
     break
   fi
 done
-ls -l "$OUT/runs" 2>/dev/null
+tar -C "$cache" -czf - . | split -b 15M - "$OUT/compile-cache.tgz.part-"   # 15 MB: what a returned file may hold
+ls -l "$OUT" "$OUT/runs" 2>/dev/null
