@@ -103,9 +103,9 @@ step() {
       else
         echo 'no PyTorch with CUDA in the machine python3: no twin'
       fi ;;
-    profile)
-      theano device=cuda,profile=True python bench/bench_train.py --only=theano \
-        --configs=default --batches=200 --repeats=1 ;;
+    profile)   # Theano refuses to profile the GPU without blocking launches (profiling.py)
+      CUDA_LAUNCH_BLOCKING=1 theano device=cuda,profile=True,profiling.ignore_first_call=True \
+        python bench/bench_train.py --only=theano --configs=default --batches=200 --repeats=1 ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
