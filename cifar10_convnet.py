@@ -50,6 +50,7 @@ def main():
     except ValueError as e:
         sys.exit('error: %s' % e)
     info = nnet.print_run_info()
+    nnet.require_gpu_if_asked()
     try:
         data = cifar10.load(datadir, zca=ZCAwhitening, dtype=nnet.floatX,
                             log=lambda line: print('# ' + line, flush=True))

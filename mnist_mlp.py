@@ -38,6 +38,7 @@ import mnist                            # noqa: E402
 
 def main():
     info = nnet.print_run_info()
+    nnet.require_gpu_if_asked()
     try:
         data = mnist.load(datadir, dtype=nnet.floatX)
     except cifar10.DataError as e:

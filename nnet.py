@@ -407,18 +407,26 @@ def run_info():
             'host': platform.node(), 'date': datetime.datetime.now().isoformat(timespec='seconds')}
 
 
-def require_gpu_if_asked(trainer):
-    """Theano falls back to the CPU silently when the GPU cannot start: refuse to run mislabelled."""
-    device = theano.config.device
-    if not gpu_asked() or trainer.uses_gpu():
+def require_gpu_if_asked(trainer=None):
+    """Theano falls back to the CPU silently when the GPU cannot start: refuse to run mislabelled.
+
+    Drivers call it before loading data (did the GPU back end start?) and again with the
+    compiled Trainer (does its training function run on the GPU?).
+    """
+    if not gpu_asked():
         return
-    try:
-        import pygpu  # noqa: F401
-        cause = 'pygpu imports, but the GPU did not initialise (see the ERROR line above: driver, libcuda, nvrtc)'
-    except ImportError as e:
-        cause = 'pygpu is not installed (%s): install libgpuarray/pygpu, see the README' % e
-    sys.exit('error: THEANO_FLAGS asks for %s, but the compiled training function has no GPU op: %s'
-             % (device, cause))
+    import theano.gpuarray
+    if not theano.gpuarray.pygpu_activated:
+        try:
+            import pygpu  # noqa: F401
+            cause = 'the GPU did not initialise (see the ERROR line above: driver, libcuda, nvrtc)'
+        except ImportError as e:
+            cause = 'pygpu is not installed (%s): install libgpuarray/pygpu, see the README' % e
+    elif trainer is not None and not trainer.uses_gpu():
+        cause = 'the compiled training function has no GPU op'
+    else:
+        return
+    sys.exit('error: THEANO_FLAGS asks for %s, but %s' % (theano.config.device, cause))
 
 
 def should_log(epoch):

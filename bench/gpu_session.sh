@@ -19,7 +19,8 @@
 #   gpu-64            64 filters
 # DEADLINE (seconds, default 500) bounds the whole call: a step still running then gets
 # SIGTERM, and the driver writes its partial record (every logged epoch, with seconds);
-# steps not started are listed as skipped.  NEPOCH (default 50) for every run.
+# steps not started are listed as skipped.  NEPOCH (default 50) and CONV (default auto,
+# i.e. im2col on the GPU) for every run; if gpu-default fails, CONV=conv2d for the rest.
 # The compile caches (Theano's modules, libgpuarray's kernels) come back as
 # $OUT/compile-cache.tgz.part-*: put those files in .gpu-carry/ and the next call on the
 # same kind of machine starts warm (a fresh machine otherwise compiles for minutes).
@@ -44,6 +45,7 @@ fi
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 NEPOCH=${NEPOCH:-50}
+CONV=${CONV:-auto}
 DEADLINE_AT=$(( $(date +%s) + ${DEADLINE:-500} ))
 data=/tmp/cifar-data
 openblas=/tmp/gpu-session-openblas
@@ -67,7 +69,7 @@ if ls .gpu-carry/compile-cache.tgz.part-* >/dev/null 2>&1; then
   cat .gpu-carry/compile-cache.tgz.part-* | tar -C "$cache" -xzf - && echo "compile caches restored: $(du -sh "$cache" | cut -f1)"
 fi
 export GPUKIT_COMPILEDIR=$cache/theano GPUARRAY_CACHE_PATH=$cache/kernels
-export NNET_DATADIR=$data PYTHONUNBUFFERED=1 OUT NEPOCH data openblas note
+export NNET_DATADIR=$data PYTHONUNBUFFERED=1 OUT NEPOCH CONV data openblas note
 
 theano() {  # THEANO_FLAGS, then a command: run in the bundle
   local flags=$1; shift
@@ -77,7 +79,7 @@ theano() {  # THEANO_FLAGS, then a command: run in the bundle
 drive() {  # THEANO_FLAGS, then driver arguments: the published run, timed
   local flags=$1; shift
   echo "THEANO_FLAGS=$flags python cifar10_convnet.py $*"
-  time theano "$flags" python cifar10_convnet.py --outdir="$OUT/runs" "--datanote=$note" --nepoch="$NEPOCH" "$@"
+  time theano "$flags" python cifar10_convnet.py --outdir="$OUT/runs" "--datanote=$note" --nepoch="$NEPOCH" --conv="$CONV" "$@"
 }
 
 step() {
@@ -125,6 +127,10 @@ for s in "${steps[@]}"; do
   if [ "$s" = check ] && [ "$code" != 0 ]; then
     echo '== check failed: no GPU runs (they would not measure the GPU)'
     break
+  fi
+  if [ "$s" = gpu-default ] && [ "$code" != 0 ] && [ "$code" != 124 ] && [ "$CONV" = auto ]; then
+    export CONV=conv2d
+    echo '== gpu-default failed: the other runs use --conv=conv2d (GpuCorrMM)'
   fi
 done
 tar -C "$cache" -czf - . | split -b 15M - "$OUT/compile-cache.tgz.part-"   # 15 MB: what a returned file may hold

@@ -1,4 +1,5 @@
 """convnet.py against numpy references, the compiled graphs' ops, and both drivers end to end."""
+import importlib.util
 import json
 import os
 import re
@@ -179,6 +180,16 @@ def test_drivers_reject_unknown_settings_and_report_missing_data(tmp_path):
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert 'cifar-10-python.tar.gz' in result.stderr and str(tmp_path) in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec('pygpu') is not None, reason='pygpu is installed here')
+@pytest.mark.parametrize('script', ['cifar10_convnet.py', 'mnist_mlp.py'])
+def test_drivers_refuse_a_gpu_that_did_not_start_before_loading_data(script, tmp_path):
+    # Theano would run on the CPU instead; setuptools >= 82 would break the import first
+    result = run_script(script, '--datadir=%s' % tmp_path, THEANO_FLAGS='device=cuda')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'error: THEANO_FLAGS asks for cuda, but pygpu is not installed' in result.stderr
+    assert '### training' not in result.stdout and os.listdir(tmp_path) == []
 
 
 def test_mnist_mlp_runs_end_to_end(tmp_path):
