@@ -4,20 +4,20 @@
 # Prepare here (ignored by git; both folders travel with `carry`, about 51 MB together):
 #   bash ../shared/gpu-kit/make-bundle.sh .gpu-bundle
 #   bash bench/gpu_session.sh prepare     # .gpu-carry: CIFAR-10 JPEGs, their rebuild tool, OpenBLAS
-# Run there:
+# Run there (with the device call's timeout about DEADLINE + 60 s: data, set-up, caches):
 #   bash bench/gpu_session.sh                       # every step below, in this order
 #   bash bench/gpu_session.sh cpu-default gpu-64    # chosen steps (data and bundle are set up anyway)
 # Steps, most wanted first (each appends to $OUT/session.log and writes $OUT/<step>.log):
-#   check             nvidia-smi, the bundle's check.py (GPU ops, gradients against the CPU)
+#   check             nvidia-smi, lscpu, the bundle's check.py (GPU ops, gradients against the CPU)
 #   gpu-default       `time` of the published run, compile cache cold
 #   bench             seconds per training epoch: Theano (conv im2col and conv2d) and PyTorch
 #                     (the machine's own python3) on the same GPU, default and 64-overlap
 #   profile           Theano's profile of the default training step on the GPU
+#   cpu-default       the published run on this machine's CPU (device=cpu, carried OpenBLAS)
 #   gpu-default-warm  the published run again, compile cache warm: the 60 s target
 #   gpu-64-overlap    64 filters, overlapping 4x4 pooling at stride 2
-#   cpu-default       the published run on this machine's CPU (device=cpu, carried OpenBLAS)
 #   gpu-64            64 filters
-# DEADLINE (seconds, default 500) bounds the whole call: a step still running then gets
+# DEADLINE (seconds, default 540) bounds the whole call: a step still running then gets
 # SIGTERM, and the driver writes its partial record (every logged epoch, with seconds);
 # steps not started are listed as skipped.  NEPOCH (default 50) and CONV (default auto,
 # i.e. im2col on the GPU) for every run; if gpu-default fails, CONV=conv2d for the rest.
@@ -46,13 +46,13 @@ OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
 NEPOCH=${NEPOCH:-50}
 CONV=${CONV:-auto}
-DEADLINE_AT=$(( $(date +%s) + ${DEADLINE:-500} ))
+DEADLINE_AT=$(( $(date +%s) + ${DEADLINE:-540} ))
 data=/tmp/cifar-data
 openblas=/tmp/gpu-session-openblas
 note='CIFAR-10 rebuilt from ../shared JPEGs'
 exec > >(tee -a "$OUT/session.log") 2>&1
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(check gpu-default bench profile gpu-default-warm gpu-64-overlap cpu-default gpu-64)
+[ ${#steps[@]} -gt 0 ] || steps=(check gpu-default bench profile cpu-default gpu-default-warm gpu-64-overlap gpu-64)
 
 # The machine's own python3 (numpy, Pillow, PyTorch) rebuilds the data and runs the twin;
 # Theano runs in the bundle's Python 3.11, sourced inside each Theano step only.
