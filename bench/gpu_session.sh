@@ -30,7 +30,7 @@ cd "$here"
 
 if [ "${1:-}" = prepare ]; then
   mkdir -p .gpu-carry/openblas
-  cp ../shared/data/cifar10-jpeg.tar.gz ../shared/tools/make_cifar10.py .gpu-carry/
+  cp -f ../shared/data/cifar10-jpeg.tar.gz ../shared/tools/make_cifar10.py .gpu-carry/
   # Debian's OpenBLAS (pthreads) and its Fortran runtime, for the CPU run: the bundle has
   # only Theano's numpy BLAS fallback, which runs without OpenMP and is no fair CPU figure.
   for lib in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0; do
