@@ -55,6 +55,7 @@ def main():
 
     trainer = nnet.Trainer(net, data, batchsize, eta, mu, lam)
     nnet.require_gpu_if_asked(trainer)
+    nnet.print_ops(trainer)
     print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
 
     return nnet.train_and_log(trainer, nepoch, 'mnist_mlp', {k: globals()[k] for k in config}, info,

@@ -313,9 +313,14 @@ class Trainer:
         """Mean cost and % correct over a split, in minibatches (a short last one is weighted right)."""
         return self._sweep(self.eval_fn, split, 'evaluating ' + split)
 
-    def uses_gpu(self):
-        return any(type(node.op).__module__.startswith('theano.gpuarray')
-                   for node in self.train_fn.maker.fgraph.apply_nodes)
+    def ops(self):
+        """The op classes of the compiled training function: ({GPU op: count}, {other op: count})."""
+        on_gpu, other = {}, {}
+        for node in self.train_fn.maker.fgraph.apply_nodes:
+            op = type(node.op)
+            where = on_gpu if op.__module__.startswith('theano.gpuarray') else other
+            where[op.__name__] = where.get(op.__name__, 0) + 1
+        return on_gpu, other
 
 
 # ---------------------------------------------------------------- the drivers' common parts
@@ -422,11 +427,19 @@ def require_gpu_if_asked(trainer=None):
             cause = 'the GPU did not initialise (see the ERROR line above: driver, libcuda, nvrtc)'
         except ImportError as e:
             cause = 'pygpu is not installed (%s): install libgpuarray/pygpu, see the README' % e
-    elif trainer is not None and not trainer.uses_gpu():
+    elif trainer is not None and not trainer.ops()[0]:
         cause = 'the compiled training function has no GPU op'
     else:
         return
     sys.exit('error: THEANO_FLAGS asks for %s, but %s' % (theano.config.device, cause))
+
+
+def print_ops(trainer):
+    """Log lines naming the ops of the training step, the GPU's first: what ran where."""
+    for where, ops in zip(('GPU', 'CPU'), trainer.ops()):
+        if ops:
+            print('# %s ops of the training step: %s' % (where, ', '.join(
+                name + (' x%d' % n if n > 1 else '') for name, n in sorted(ops.items()))))
 
 
 def should_log(epoch):

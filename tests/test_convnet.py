@@ -143,6 +143,7 @@ def test_cifar10_convnet_runs_end_to_end(tmp_path):
                  '### training:   NL =  800  NV =  200  K =  10  batchsize =  100', '# NT =  200',
                  '# convolution: conv2d']:
         assert line + '\n' in log
+    assert re.search(r'^# CPU ops of the training step: .*\bCorrMM, CorrMM_gradWeights\b.*\bMaxPoolGrad, Pool\b', log, re.M)
     rows = re.findall('^' + ROW + '$', log, re.M)
     assert [r.split()[0] for r in rows] == ['0', '1', '2']
     assert re.search(r'^2 \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \*$', log, re.M)
@@ -165,6 +166,8 @@ def test_cifar10_convnet_overlapping_pool_and_second_layer(tmp_path):
     assert '#   H2: 8   H3: 8\n' in result.stdout
     assert '# override: st1 = (2, 2)\n' in result.stdout
     assert '# convolution: im2col\n' in result.stdout
+    assert re.search(r'^# CPU ops of the training step: .*\bImages2Neibs\b', result.stdout, re.M)
+    assert 'CorrMM' not in result.stdout
     record = json.loads((tmp_path / 'runs' / 'results.jsonl').read_text())
     assert record['conv_impl'] == 'im2col' and record['settings']['conv'] == 'im2col'
 
