@@ -45,6 +45,7 @@ def theano_step(config, X, y, batches, conv):
     F, ds, st = CONFIGS[config]
     net = convnet.CNN(np.random.RandomState(0), XDIM, [(F, (5, 5), ds, st)], [H2], K, conv=conv)
     trainer = nnet.Trainer(net, {'L': (X, y)}, BATCH, ETA, MU, LAM, input_shape=XDIM)
+    nnet.print_ops(trainer)
     spans = trainer.batches('L')[:batches]
 
     def run():
