@@ -177,6 +177,21 @@ class FullLayer:
         a = T.dot(x, self.W)
         return ACTIVATIONS[self.activation](a + self.b if self.b is not None else a)
 
+    def cost_terms(self, x, y):
+        """Summed cross-entropy and number correct of this softmax layer's output against integer labels.
+
+        One op gives both: Theano's fused, numerically stable softmax/cross-entropy (what
+        its optimizer makes of categorical_crossentropy(softmax(.)); one-hot float targets,
+        as first tried in the original work, gave NaN) also returns each row's argmax.  A
+        separate T.argmax would run on the CPU even with device=cuda (Theano 1.0.5 has a
+        GPU argmax only through cuDNN), fetching the scores from the GPU in mid-step.
+        """
+        if self.activation != 'softmax':
+            raise ValueError('cost_terms needs a softmax layer, not %s' % self.activation)
+        b = self.b if self.b is not None else T.zeros((self.output_shape[0],), floatX)
+        nll, _, predicted = T.nnet.crossentropy_softmax_argmax_1hot_with_bias(T.dot(x, self.W), b, y)
+        return nll.sum(), T.eq(predicted, y).sum()
+
 
 class Network:
     """A stack of layers, each with .output(x), .params, .decay (weights to decay) and .output_shape."""
@@ -193,6 +208,12 @@ class Network:
         for layer in self.layers:
             x = layer.output(x)
         return x
+
+    def cost_terms(self, x, y):
+        """Summed cross-entropy and number correct against integer labels y (the last layer's cost_terms)."""
+        for layer in self.layers[:-1]:
+            x = layer.output(x)
+        return self.layers[-1].cost_terms(x, y)
 
     def save(self, path, settings):
         """Parameters as plain arrays in a .npz with the settings (JSON), written atomically."""
@@ -226,16 +247,6 @@ class MLP(Network):
 
 
 # ---------------------------------------------------------------- cost and training
-
-def cost_terms(p_y, y):
-    """Summed cross-entropy and number correct of class probabilities p_y against integer labels.
-
-    categorical_crossentropy(softmax(.), int labels) is what Theano rewrites into its fused,
-    numerically stable CrossentropySoftmaxArgmax1HotWithBias op (one-hot float targets, as
-    first tried in the original work, gave NaN).
-    """
-    return T.nnet.categorical_crossentropy(p_y, y).sum(), T.eq(T.argmax(p_y, axis=1), y).sum()
-
 
 class TrainingDiverged(Exception):
     pass
@@ -273,7 +284,7 @@ class Trainer:
         start, stop = T.lscalars('start', 'stop')
         x, y = T.matrix('x'), T.ivector('y')
         xin = x.reshape((x.shape[0],) + tuple(input_shape)) if input_shape else x
-        sum_cost, ncorrect = cost_terms(net.output(xin), y)
+        sum_cost, ncorrect = net.cost_terms(xin, y)
         givens = {x: self.X[start:stop], y: self.y[start:stop]}
         grads = T.grad(sum_cost / x.shape[0].astype(floatX), net.params)
         updates = []

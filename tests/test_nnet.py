@@ -47,15 +47,34 @@ def test_same_seed_same_weights():
         np.testing.assert_array_equal(p.get_value(), q.get_value())
 
 
+def test_cost_terms_are_summed_cross_entropy_and_first_argmax_hits():
+    layer = nnet.FullLayer(np.random.RandomState(0), 3, 4, 'softmax')
+    W = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]], floatX)     # classes 2 and 3 tie
+    b = np.array([0.1, -0.2, 0.0, 0.0], floatX)
+    layer.W.set_value(W)
+    layer.b.set_value(b)
+    x = np.array([[2, 0, 0], [0, 3, 0], [0, 0, 1], [0, 0, 1], [1, 1, 0]], floatX)
+    y = np.array([0, 0, 2, 3, 1], 'int32')
+    x_, y_ = T.matrix(), T.ivector()
+    cost, correct = theano.function([x_, y_], layer.cost_terms(x_, y_))(x, y)
+    p = softmax(x @ W + b)
+    assert cost == pytest.approx(-np.log(p[np.arange(5), y]).sum(), rel=1e-5)
+    assert correct == 2                     # rows 0 and 2: a tie counts for its first class only
+    assert correct == (p.argmax(axis=1) == y).sum()
+    with pytest.raises(ValueError, match='softmax'):
+        nnet.FullLayer(np.random.RandomState(0), 3, 4, 'relu').cost_terms(x_, y_)
+
+
 def test_cost_gradient_matches_finite_differences():
     rng = np.random.RandomState(1)
     x = rng.randn(7, 4)
     y = rng.randint(0, 3, 7).astype('int32')
+    out = nnet.FullLayer(rng, 5, 3, 'softmax')
 
-    def mean_cost(W1, b1, W2):
-        h = T.nnet.relu(T.dot(x, W1) + b1)
-        return nnet.cost_terms(T.nnet.softmax(T.dot(h, W2)), y)[0] / 7
-    theano.gradient.verify_grad(mean_cost, [rng.randn(4, 5), rng.randn(5) + 0.5, rng.randn(5, 3)],
+    def mean_cost(W1, b1, W2, b2):
+        out.W, out.b = W2, b2                   # the layer's graph with these as the variables
+        return out.cost_terms(T.nnet.relu(T.dot(x, W1) + b1), y)[0] / 7
+    theano.gradient.verify_grad(mean_cost, [rng.randn(4, 5), rng.randn(5) + 0.5, rng.randn(5, 3), rng.randn(3)],
                                 rng=rng, eps=1e-3, abs_tol=1e-3, rel_tol=1e-3)
 
 
