@@ -41,10 +41,14 @@ def _user_flags():
     return flags
 
 
-def linkable_openblas():
-    """Path of a system libopenblas.so that `-lopenblas` links (the -dev package), or None."""
-    for d in ('/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib',
-              '/usr/local/lib') + tuple(os.environ.get('LIBRARY_PATH', '').split(os.pathsep)):
+def linkable_openblas(ldflags=''):
+    """Path of the libopenblas.so that `-lopenblas` links (the -dev package), or None.
+
+    Searched in g++'s order: the -L folders in ldflags, LIBRARY_PATH, the system folders.
+    """
+    for d in (re.findall(r'-L\s*(\S+)', ldflags) + os.environ.get('LIBRARY_PATH', '').split(os.pathsep)
+              + ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib',
+                 '/usr/local/lib']):
         found = glob.glob(os.path.join(d, 'libopenblas.so')) if d else []
         if found:
             return found[0]
@@ -382,7 +386,7 @@ def blas_description():
     flags = theano.config.blas.ldflags
     if 'openblas' in flags:
         try:
-            lib = ctypes.CDLL(linkable_openblas() or ctypes.util.find_library('openblas'))
+            lib = ctypes.CDLL(linkable_openblas(flags) or ctypes.util.find_library('openblas'))
             lib.openblas_get_config.restype = lib.openblas_get_corename.restype = ctypes.c_char_p
             forced = os.environ.get('OPENBLAS_CORETYPE')
             return 'OpenBLAS %s, %s kernels%s (%s)' % (

@@ -204,6 +204,16 @@ def test_overrides_parse_literals_and_reject_unknown_names(capsys):
         nnet.apply_overrides(namespace, names, ['--W1dim=64'])
 
 
+def test_linkable_openblas_is_searched_in_the_linkers_order(tmp_path, monkeypatch):
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    for d in (first, second):
+        d.mkdir()
+        (d / 'libopenblas.so').write_bytes(b'')
+    monkeypatch.setenv('LIBRARY_PATH', str(second))
+    assert nnet.linkable_openblas() == str(second / 'libopenblas.so')         # before the system's
+    assert nnet.linkable_openblas('-L%s -lopenblas' % first) == str(first / 'libopenblas.so')
+
+
 def test_theano_defaults_fill_in_only_what_the_user_left_unset():
     import os
     import platform
