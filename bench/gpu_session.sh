@@ -51,6 +51,7 @@ data=/tmp/cifar-data
 openblas=/tmp/gpu-session-openblas
 note='CIFAR-10 rebuilt from ../shared JPEGs'
 exec > >(tee -a "$OUT/session.log") 2>&1
+tee_pid=$!
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(check gpu-default bench profile cpu-default gpu-default-warm gpu-64-overlap gpu-64)
 
@@ -135,3 +136,4 @@ for s in "${steps[@]}"; do
 done
 tar -C "$cache" -czf - . | split -b 15M - "$OUT/compile-cache.tgz.part-"   # 15 MB: what a returned file may hold
 ls -l "$OUT" "$OUT/runs" 2>/dev/null
+exec >&- 2>&-; wait $tee_pid   # session.log complete before $OUT is collected
