@@ -8,8 +8,8 @@ then ZCA whitening (epsilon 0.001) fitted on the training images only.
 
 The data live in DATADIR/cifar-10-batches-py/.  DATADIR is the drivers' `datadir`
 setting, else $NNET_DATADIR, else ./data beside these scripts.  Absent data are
-downloaded (official archive, md5-checked).  This module also holds the download
-helpers that mnist.py uses.  It needs numpy only (scipy, if present, speeds up ZCA).
+downloaded (official archive, md5-checked; download.py).  It needs numpy only (scipy, if
+present, speeds up ZCA).
 """
 import hashlib
 import json
@@ -17,12 +17,13 @@ import os
 import pickle
 import shutil
 import sys
-import tarfile
 import threading
 import time
-import urllib.request
 
+import machine  # noqa: F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
 import numpy as np
+
+from download import DataError, Dataset, default_datadir, download, extract_tar, fingerprint, md5sum
 
 URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 ARCHIVE = 'cifar-10-python.tar.gz'
@@ -37,100 +38,6 @@ CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer',
 XDIM = (3, 32, 32)            # R, G, B planes of 32x32, as the rows are stored
 ZCA_EPSILON = 0.001
 CACHE_VERSION = 1             # bump when the preprocessing code changes its output
-
-
-class DataError(Exception):
-    """A data problem the user can fix; the message says how."""
-
-
-def default_datadir():
-    return os.environ.get('NNET_DATADIR') or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), 'data')
-
-
-# ---------------------------------------------------------------- download helpers
-
-def _progress(done, total, start):
-    rate = done / max(time.time() - start, 1e-6) / 1e6
-    if total:
-        msg = '\r  %5.1f%% of %.1f MB (%.1f MB/s)' % (100.0 * done / total, total / 1e6, rate)
-    else:
-        msg = '\r  %.1f MB (%.1f MB/s)' % (done / 1e6, rate)
-    sys.stderr.write(msg)
-    sys.stderr.flush()
-
-
-def md5sum(path):
-    h = hashlib.md5()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(urls, path, md5, nbytes=None):
-    """Fetch the first of `urls` that works to `path` and check its md5.
-
-    Shows progress on stderr.  The file is written as path + '.part' and renamed only
-    once it is complete and verified; a partial file is removed on any failure,
-    Ctrl-C included.  Raises DataError naming the file to put in place by hand.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    part = path + '.part'
-    failures = []
-    for url in urls:
-        sys.stderr.write('downloading %s\n' % url)
-        try:
-            h = hashlib.md5()
-            start = time.time()
-            with urllib.request.urlopen(url, timeout=60) as response, open(part, 'wb') as f:
-                total = int(response.headers.get('Content-Length') or nbytes or 0)
-                done = 0
-                for chunk in iter(lambda: response.read(1 << 20), b''):
-                    f.write(chunk)
-                    h.update(chunk)
-                    done += len(chunk)
-                    _progress(done, total, start)
-            sys.stderr.write('\n')
-            if h.hexdigest() != md5:
-                raise DataError('md5 %s, expected %s' % (h.hexdigest(), md5))
-            os.replace(part, path)
-            return path
-        except (OSError, DataError) as e:       # URLError and timeouts are OSErrors
-            sys.stderr.write('\n')
-            failures.append('  %s: %s' % (url, e))
-        finally:
-            if os.path.exists(part):
-                os.remove(part)
-    raise DataError('could not download %s:\n%s\nDownload it by hand (md5 %s) and put it at\n  %s'
-                    % (os.path.basename(path), '\n'.join(failures), md5, os.path.abspath(path)))
-
-
-def extract_tar(archive, dest, folder):
-    """Extract `folder` from a .tar.gz into dest/folder, refusing paths that escape dest.
-
-    Extracts into a temporary folder first and renames it, so an interrupted
-    extraction never leaves a folder that a later run would trust.
-    """
-    tmp = os.path.join(dest, '.%s.extracting' % folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with tarfile.open(archive, 'r:gz') as tar:
-            members = tar.getmembers()
-            root = os.path.realpath(tmp)
-            for m in members:
-                target = os.path.realpath(os.path.join(tmp, m.name))
-                if not (m.isfile() or m.isdir()) or os.path.commonpath([root, target]) != root:
-                    raise DataError('%s: refusing unsafe member %r; delete the archive and retry'
-                                    % (archive, m.name))
-            tar.extractall(tmp, members)
-        if not os.path.isdir(os.path.join(tmp, folder)):
-            raise DataError('%s holds no %s/ folder; delete it and retry' % (archive, folder))
-        os.replace(os.path.join(tmp, folder), os.path.join(dest, folder))
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError('%s is damaged (%s); delete it and run again' % (archive, e))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- raw batches
@@ -227,11 +134,9 @@ def fit_zca(X, epsilon=ZCA_EPSILON):
     return mean, W.astype(X.dtype)
 
 
-def _cache_key(raw, epsilon, dtype):
-    h = hashlib.sha1(('cifar10-zca v%d eps=%r %s' % (CACHE_VERSION, epsilon, dtype)).encode())
-    for name in sorted(raw):
-        h.update(np.ascontiguousarray(raw[name][0]).data)
-    return h.hexdigest()
+def _cache_key(data_fingerprint, epsilon, dtype):
+    return hashlib.sha1(('cifar10-zca v%d eps=%r %s %s' % (CACHE_VERSION, epsilon, dtype, data_fingerprint))
+                        .encode()).hexdigest()
 
 
 def _save_cache(path, arrays, meta):
@@ -276,11 +181,12 @@ def _scaled(raw, dtype):
 
 
 def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=True, log=None):
-    """The preprocessed split: dict with 'L', 'V', 'T' -> (X (N, 3072) dtype, y int32).
+    """The preprocessed split: a Dataset, 'L', 'V', 'T' -> (X (N, 3072) dtype, y int32), and
+    .fingerprint, the hash of the raw pixels and labels.
 
     Rows reshape to (N, 3, 32, 32) in R, G, B plane order.  With zca=False only the
     training mean is subtracted.  The ZCA fit and the whitened rows are cached under
-    datadir/cache/, keyed by a hash of the pixels, epsilon and dtype, so a second
+    datadir/cache/, keyed by the data's fingerprint, epsilon and dtype, so a second
     run skips the fit and a changed data set or epsilon is never served stale.
     `log`, if given, is called with one line on what happened.
     """
@@ -288,13 +194,14 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     start = time.time()
     raw = load_raw(datadir)
     labels = {name: y for name, (X, y) in raw.items()}
+    data_fingerprint = fingerprint(raw)
     if not zca:
         X = _scaled(raw, dtype)
         mean = X['L'].mean(axis=0, dtype=np.float64).astype(dtype)
         data = {name: (x - mean, labels[name]) for name, x in X.items()}
         log and log('data: mean subtracted, no ZCA (%.1f s)' % (time.time() - start))
-        return data
-    key = _cache_key(raw, epsilon, dtype)
+        return Dataset(data, data_fingerprint)
+    key = _cache_key(data_fingerprint, epsilon, dtype)
     path = os.path.join(datadir, 'cache', 'cifar10-zca-' + key[:16])
     cached = _load_cache(path, key) if cache else None
     if cached is None:
@@ -313,7 +220,7 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     else:
         how = 'from cache %s' % path
     log and log('data: ZCA (eps %g) %s (%.1f s)' % (epsilon, how, time.time() - start))
-    return {name: (cached[name], labels[name]) for name in ('L', 'V', 'T')}
+    return Dataset({name: (cached[name], labels[name]) for name in ('L', 'V', 'T')}, data_fingerprint)
 
 
 # ---------------------------------------------------------------- python cifar10.py

@@ -31,17 +31,22 @@ seed = 0                 # weight initialisation
 conv = 'auto'            # how the convolution is computed, same values: 'conv2d' (Theano's CorrMM),
                          # 'im2col' (one product a minibatch); auto: im2col on the GPU, else conv2d
 datadir = None           # holds cifar-10-batches-py/; None: $NNET_DATADIR, else ./data here
+quickL = False           # False: the training columns evaluate L after the epoch, as published;
+                         # True: running figures of the training pass itself (no second pass)
 outdir = 'runs'          # results.jsonl and the saved parameters
 datanote = ''            # free text kept with the record, e.g. where the data came from
 
-import nnet                             # noqa: E402  (sets Theano's flags before importing it)
+import machine                          # noqa: E402  (first: Theano's flags, the BLAS kernels)
+import runlog                           # noqa: E402
 
-config = nnet.config_names(globals())
-nnet.apply_overrides(globals(), config, sys.argv[1:])
+config = runlog.config_names(globals())
+runlog.apply_overrides(globals(), config, sys.argv[1:])
 
 import numpy as np                      # noqa: E402
+import nnet                             # noqa: E402
 import cifar10                          # noqa: E402
 import convnet                          # noqa: E402
+from download import DataError, default_datadir   # noqa: E402
 
 
 def main():
@@ -49,12 +54,12 @@ def main():
         conv_used = convnet.conv_impl(conv)
     except ValueError as e:
         sys.exit('error: %s' % e)
-    info = nnet.print_run_info()
-    nnet.require_gpu_if_asked()
+    info = runlog.print_run_info()
+    machine.require_gpu_if_asked()
     try:
         data = cifar10.load(datadir, zca=ZCAwhitening, dtype=nnet.floatX,
                             log=lambda line: print('# ' + line, flush=True))
-    except cifar10.DataError as e:
+    except DataError as e:
         sys.exit('error: %s' % e)
     t_data = time.time() - _t_start
 
@@ -67,16 +72,18 @@ def main():
     print('# ZCAwhitening = ', ZCAwhitening)
     print('# convolution: %s' % conv_used)
     print('### training:   NL = ', len(data['L'][1]), ' NV = ', len(data['V'][1]),
-          ' K = ', len(cifar10.CLASSES), ' batchsize = ', batchsize, flush=True)
+          ' K = ', len(cifar10.CLASSES), ' batchsize = ', batchsize)
+    print('# data fingerprint: %s' % data.fingerprint[:16], flush=True)
 
     trainer = nnet.Trainer(net, data, batchsize, eta, mu, lam, input_shape=cifar10.XDIM)
-    nnet.require_gpu_if_asked(trainer)
-    nnet.print_ops(trainer)
+    machine.require_gpu_if_asked(trainer.ops()[0])
+    runlog.print_ops(trainer)
     print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
 
-    return nnet.train_and_log(trainer, nepoch, 'cifar10_convnet', {k: globals()[k] for k in config}, info,
-                              outdir, _t_start, t_data, H1=net.H1, conv_impl=conv_used,
-                              data_dir=os.path.abspath(datadir or cifar10.default_datadir()))
+    return runlog.train_and_log(trainer, nepoch, 'cifar10_convnet', {k: globals()[k] for k in config}, info,
+                                outdir, _t_start, t_data, quickL, H1=net.H1, conv_impl=conv_used,
+                                data_dir=os.path.abspath(datadir or default_datadir()),
+                                data_fingerprint=data.fingerprint, data_sizes={k: len(y) for k, (X, y) in data.items()})
 
 
 if __name__ == '__main__':

@@ -2,7 +2,8 @@
 
 Cost, updates, evaluation, saving: nnet.Network and nnet.Trainer, unchanged.
 """
-import nnet                                  # first: it sets Theano's flags, then imports Theano
+import machine                               # first: Theano's flags, the BLAS kernels
+import nnet
 import numpy as np
 import theano.tensor as T
 from theano.tensor.nnet.neighbours import images2neibs
@@ -14,7 +15,7 @@ CONV_IMPLS = ('conv2d', 'im2col')
 def conv_impl(name):
     """'auto' -> 'im2col' on the GPU, 'conv2d' on the CPU; other names are checked and returned."""
     if name == 'auto':
-        return 'im2col' if nnet.gpu_asked() else 'conv2d'
+        return 'im2col' if machine.gpu_asked() else 'conv2d'
     if name not in CONV_IMPLS:
         raise ValueError('convolution %r: use one of %s or auto' % (name, ', '.join(CONV_IMPLS)))
     return name

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from cifar10 import DataError, default_datadir, download
+from download import DataError, Dataset, default_datadir, download, fingerprint
 
 MIRRORS = ['https://ossci-datasets.s3.amazonaws.com/mnist/',
            'https://storage.googleapis.com/cvdf-datasets/mnist/']
@@ -63,11 +63,13 @@ def load_pair(folder, images, labels):
 
 
 def load(datadir=None, dtype='float32'):
-    """{'L': (X, y), 'V': (X, y), 'T': (X, y)}: rows of 784 pixels / 255 minus the training mean."""
+    """A Dataset {'L': (X, y), 'V': (X, y), 'T': (X, y)}: rows of 784 pixels / 255 minus the training mean."""
     folder = os.path.join(datadir or default_datadir(), 'mnist')
     X, y = load_pair(folder, 'train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz')
     XT, yT = load_pair(folder, 't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
     nL = len(X) - min(NV, len(X) // 6)
+    raw = {'L': (X[:nL], y[:nL]), 'V': (X[nL:], y[nL:]), 'T': (XT, yT)}
     scaled = [a.astype(dtype) / np.asarray(255, dtype) for a in (X[:nL], X[nL:], XT)]
     mean = scaled[0].mean(axis=0, dtype=np.float64).astype(dtype)
-    return {'L': (scaled[0] - mean, y[:nL]), 'V': (scaled[1] - mean, y[nL:]), 'T': (scaled[2] - mean, yT)}
+    return Dataset({'L': (scaled[0] - mean, y[:nL]), 'V': (scaled[1] - mean, y[nL:]), 'T': (scaled[2] - mean, yT)},
+                   fingerprint(raw))

@@ -24,24 +24,28 @@ nepoch = 50
 Wstd = 0.01              # initial weights: zero-mean normal of this std (b = 0)
 seed = 0
 datadir = None           # holds mnist/*.gz; None: $NNET_DATADIR, else ./data here
+quickL = False           # False: the training columns evaluate L after the epoch, as published;
+                         # True: running figures of the training pass itself (no second pass)
 outdir = 'runs'
 
-import nnet                             # noqa: E402  (sets Theano's flags before importing it)
+import machine                          # noqa: E402  (first: Theano's flags, the BLAS kernels)
+import runlog                           # noqa: E402
 
-config = nnet.config_names(globals())
-nnet.apply_overrides(globals(), config, sys.argv[1:])
+config = runlog.config_names(globals())
+runlog.apply_overrides(globals(), config, sys.argv[1:])
 
 import numpy as np                      # noqa: E402
-import cifar10                          # noqa: E402
+import nnet                             # noqa: E402
 import mnist                            # noqa: E402
+from download import DataError, default_datadir   # noqa: E402
 
 
 def main():
-    info = nnet.print_run_info()
-    nnet.require_gpu_if_asked()
+    info = runlog.print_run_info()
+    machine.require_gpu_if_asked()
     try:
         data = mnist.load(datadir, dtype=nnet.floatX)
-    except cifar10.DataError as e:
+    except DataError as e:
         sys.exit('error: %s' % e)
     t_data = time.time() - _t_start
 
@@ -51,16 +55,18 @@ def main():
         'H%d: %d' % (i + 1, h) for i, h in enumerate(hidden)))
     print('# eta = ', eta, ' mu = ', mu, ' lam = ', lam)
     print('### training:   NL = ', len(data['L'][1]), ' NV = ', len(data['V'][1]),
-          ' K = ', 10, ' batchsize = ', batchsize, flush=True)
+          ' K = ', 10, ' batchsize = ', batchsize)
+    print('# data fingerprint: %s' % data.fingerprint[:16], flush=True)
 
     trainer = nnet.Trainer(net, data, batchsize, eta, mu, lam)
-    nnet.require_gpu_if_asked(trainer)
-    nnet.print_ops(trainer)
+    machine.require_gpu_if_asked(trainer.ops()[0])
+    runlog.print_ops(trainer)
     print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
 
-    return nnet.train_and_log(trainer, nepoch, 'mnist_mlp', {k: globals()[k] for k in config}, info,
-                              outdir, _t_start, t_data,
-                              data_dir=os.path.abspath(datadir or cifar10.default_datadir()))
+    return runlog.train_and_log(trainer, nepoch, 'mnist_mlp', {k: globals()[k] for k in config}, info,
+                                outdir, _t_start, t_data, quickL,
+                                data_dir=os.path.abspath(datadir or default_datadir()),
+                                data_fingerprint=data.fingerprint, data_sizes={k: len(y) for k, (X, y) in data.items()})
 
 
 if __name__ == '__main__':

@@ -59,4 +59,4 @@ reqs=(-r requirements.txt)
 [ $want_test -eq 0 ] || reqs+=(-r requirements-test.txt)
 [ $want_plot -eq 0 ] || reqs+=(-r requirements-plot.txt)
 .venv/bin/python -m pip install -q --disable-pip-version-check "${reqs[@]}"
-echo "setup.sh: ready: $(.venv/bin/python -c 'import nnet; print("Python", nnet.platform.python_version(), "| Theano", nnet.theano.__version__, "| BLAS", nnet.blas_description())')"
+echo "setup.sh: ready: $(.venv/bin/python -c 'import platform, machine, theano; print("Python", platform.python_version(), "| Theano", theano.__version__, "| BLAS", machine.blas_description())')"

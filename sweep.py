@@ -33,8 +33,10 @@ CONFIGS = [
     (6, '64 filters, overlapping pool 4x4 stride 2x2', {'W1dim': (64, 5, 5), 'st1': (2, 2)},
      ('', 'abandoned: 30 min an epoch, GPU idle')),
 ]
-# settings that do not change what is computed (conv: the same values, computed another way)
-NOT_COMPARED = {'datadir', 'outdir', 'datanote', 'conv'}
+# settings that do not change what is trained (conv: the same values, computed another way;
+# quickL: only how the training columns are logged)
+NOT_COMPARED = {'datadir', 'outdir', 'datanote', 'conv', 'quickL'}
+PUBLISHED_SIZES = {'L': 40000, 'V': 10000, 'T': 10000}
 
 
 def read_records(path=RESULTS):
@@ -42,6 +44,16 @@ def read_records(path=RESULTS):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def driver_defaults(extra=()):
+    """(settings, device) of cifar10_convnet.py with these overrides, from its --help."""
+    probe = subprocess.run([sys.executable, os.path.join(HERE, 'cifar10_convnet.py')] + list(extra) + ['--help'],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        sys.exit(probe.stderr)
+    lines = probe.stdout.strip().splitlines()
+    return json.loads(lines[-1]), json.loads(lines[-2])['device']
 
 
 def settings_key(settings):
@@ -53,15 +65,21 @@ def as_recorded(overrides):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
-def matches(record, config_overrides, base, device):
+def runs_config(record, config_overrides, base):
+    """The record trained this configuration: every setting that changes training as asked."""
     wanted = dict(base, **as_recorded(config_overrides))
-    return (record.get('script') == 'cifar10_convnet' and record.get('status') == 'completed'
-            and record.get('device') == device and settings_key(record['settings']) == settings_key(wanted))
+    return record.get('script') == 'cifar10_convnet' and settings_key(record['settings']) == settings_key(wanted)
 
 
-def to_run(only, again, base, device, records):
+def matches(record, config_overrides, base, device, data_fingerprint):
+    """A completed run of this configuration on this device and these data: resume skips it."""
+    return (runs_config(record, config_overrides, base) and record.get('status') == 'completed'
+            and record.get('device') == device and record.get('data_fingerprint') == data_fingerprint)
+
+
+def to_run(only, again, base, device, data_fingerprint, records):
     """(entry, already recorded) for each configuration asked for."""
-    return [(entry, not again and any(matches(r, entry[2], base, device) for r in records))
+    return [(entry, not again and any(matches(r, entry[2], base, device, data_fingerprint) for r in records))
             for entry in CONFIGS if not only or entry[0] in only]
 
 
@@ -75,12 +93,14 @@ def run(argv):
         else:
             extra.append(arg)
     driver = [sys.executable, os.path.join(HERE, 'cifar10_convnet.py')]
-    probe = subprocess.run(driver + extra + ['--help'], capture_output=True, text=True)
-    if probe.returncode != 0:
-        sys.exit(probe.stderr)
-    lines = probe.stdout.strip().splitlines()
-    base, device = json.loads(lines[-1]), json.loads(lines[-2])['device']
-    for (number, title, overrides, _), recorded in to_run(only, again, base, device, read_records()):
+    base, device = driver_defaults(extra)
+    import cifar10
+    try:
+        data_fingerprint = cifar10.fingerprint(cifar10.load_raw(base['datadir']))
+    except cifar10.DataError as e:
+        sys.exit('error: %s' % e)
+    for (number, title, overrides, _), recorded in to_run(only, again, base, device, data_fingerprint,
+                                                          read_records()):
         if recorded:
             print('# %d. %s: already recorded on %s, skipped' % (number, title, device), flush=True)
             continue
@@ -101,32 +121,56 @@ def run(argv):
             sys.exit('# %d. %s stopped with exit code %d; run again to resume' % (number, title, code))
 
 
-def config_of(record):
-    """The CONFIGS entry a record ran, if any (same overrides, other settings at their defaults)."""
+def config_of(record, base):
+    """The CONFIGS entry a record ran, if any: its overrides, every other setting that changes
+    training at the driver's defaults (base), and the published split of CIFAR-10."""
+    if record.get('data_sizes') != PUBLISHED_SIZES:
+        return None
     for entry in CONFIGS:
-        wanted = dict({'W1dim': [16, 5, 5], 'ds1': [4, 4], 'st1': None, 'H3': None}, **as_recorded(entry[2]))
-        if all(record['settings'].get(k) == v for k, v in wanted.items()):
+        if runs_config(record, entry[2], base):
             return entry
     return None
+
+
+def differences(record, base):
+    """What sets a run apart from the published default run: settings, data sizes."""
+    out = ['%s=%s' % (k, json.dumps(v)) for k, v in sorted(record['settings'].items())
+           if k not in NOT_COMPARED and v != base.get(k)]
+    if record.get('data_sizes') != PUBLISHED_SIZES:
+        out.append('data %s' % ('NL/NV/NT %(L)d/%(V)d/%(T)d' % record['data_sizes'] if record.get('data_sizes')
+                                else 'not fingerprinted (recorded before data fingerprints)'))
+    return ', '.join(out) or 'none'
 
 
 def minutes(seconds):
     return '%dm%02ds' % divmod(round(seconds), 60)
 
 
-def table(records):
+def data_label(r):
+    return '%s %s' % (r.get('data_fingerprint', '')[:8] or '-', r['settings'].get('datanote') or r.get('data_dir', ''))
+
+
+def table(records, base):
+    """Rows of the published configurations' runs, rows of the other runs; and the former as (entry, record)."""
     rows = ['| # | configuration | published CPU | published Tesla K20c | our test % | data s | compile s'
-            ' | train s | total | epochs | device | BLAS | date | data |',
-            '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
-    completed = [(config_of(r), r) for r in records if r.get('status') == 'completed']
+            ' | train s | total | device | BLAS | date | data |',
+            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    completed = [(config_of(r, base), r) for r in records
+                 if r.get('status') == 'completed' and r.get('script') == 'cifar10_convnet']
     done = sorted(((entry, r) for entry, r in completed if entry), key=lambda d: (d[0][0], d[1]['date']))
     for entry, r in done:
         s = r['seconds']
-        rows.append('| %d | %s | %s | %s | **%.2f** | %.1f | %.1f | %.1f | %s | %d | %s | %s | %s | %s |' % (
+        rows.append('| %d | %s | %s | %s | **%.2f** | %.1f | %.1f | %.1f | %s | %s | %s | %s | %s |' % (
             entry[0], entry[1], entry[3][0] or '-', entry[3][1], r['test'][1], s['data'], s['compile'],
-            s['train'], minutes(s['total']), r['settings']['nepoch'], r['device'],
-            r.get('blas', '').split(' (')[0], r['date'][:10],
-            r['settings'].get('datanote') or r.get('data_dir', '')))
+            s['train'], minutes(s['total']), r['device'], r.get('blas', '').split(' (')[0], r['date'][:10],
+            data_label(r)))
+    others = [r for entry, r in completed if not entry]
+    if others:
+        rows += ['', 'Other runs (each differs from a published configuration as shown):', '',
+                 '| differs in | test % | total | device | date | data |', '|---|---|---|---|---|---|']
+        rows += ['| %s | %.2f | %s | %s | %s | %s |' % (differences(r, base), r['test'][1],
+                                                      minutes(r['seconds']['total']), r['device'], r['date'][:10],
+                                                      data_label(r)) for r in others]
     return rows, done
 
 
@@ -156,8 +200,9 @@ def pictures(done):
     fig.savefig(os.path.join(PICTURES, 'learning_curves.png'), dpi=80)
     names.append('learning_curves.png')
     default = [r for entry, r in done if entry[0] == 1]
-    if default and os.path.exists(default[-1].get('params', '')):
-        with np.load(default[-1]['params']) as f:
+    params = default and params_path(default[-1])
+    if params and os.path.exists(params):
+        with np.load(params) as f:
             W = f['00_W1']                                  # (F, 3, 5, 5), R G B planes
         fig, axes = plt.subplots(2, (len(W) + 1) // 2, figsize=(len(W) * 0.6, 2.6))
         for ax, w in zip(axes.ravel(), W):
@@ -170,8 +215,13 @@ def pictures(done):
     return names
 
 
+def params_path(record, results=RESULTS):
+    """A record's parameter file, resolved from the records' own folder."""
+    return os.path.join(os.path.dirname(results), os.path.basename(record.get('params', '')))
+
+
 def write_page(argv):
-    rows, done = table(read_records())
+    rows, done = table(read_records(), driver_defaults()[0])
     try:
         images = pictures(done) if done else []
     except ImportError:

@@ -24,11 +24,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
-USER_ENV = dict(os.environ)     # before nnet adds its flags: each side's process starts from this
+USER_ENV = dict(os.environ)     # before machine adds its settings: each side's process starts from this
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+import machine  # noqa: E402,F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
+import numpy as np  # noqa: E402
 
 CONFIGS = {  # name: (filters, pool window, pool stride)
     'default': (16, (4, 4), None),
@@ -42,10 +42,11 @@ ETA, MU, LAM = 0.01, 0.9, 0.0001
 def theano_step(config, X, y, batches, conv):
     import convnet
     import nnet
+    import runlog
     F, ds, st = CONFIGS[config]
     net = convnet.CNN(np.random.RandomState(0), XDIM, [(F, (5, 5), ds, st)], [H2], K, conv=conv)
     trainer = nnet.Trainer(net, {'L': (X, y)}, BATCH, ETA, MU, LAM, input_shape=XDIM)
-    nnet.print_ops(trainer)
+    runlog.print_ops(trainer)
     spans = trainer.batches('L')[:batches]
 
     def run():
@@ -57,11 +58,10 @@ def theano_step(config, X, y, batches, conv):
     return run
 
 
-def torch_step(config, X, y, batches, threads, device):
+def torch_twin(config, device):
+    """The network and update rule in PyTorch, initialised as ours: (logits function, optimizer)."""
     import torch
     import torch.nn.functional as fn
-    torch.set_num_threads(threads)
-    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     F, ds, st = CONFIGS[config]
     st = st or ds
     side = (28 - ds[0]) // st[0] + 1
@@ -76,14 +76,25 @@ def torch_step(config, X, y, batches, threads, device):
     # torch's SGD: v <- mu v + (g + lam W); W <- W - eta v, i.e. our rule with dW = -eta v
     opt = torch.optim.SGD([{'params': [Wc, W2, W3], 'weight_decay': LAM},
                            {'params': [bc, b2, b3], 'weight_decay': 0.0}], lr=ETA, momentum=MU)
+
+    def logits(xb):
+        h = fn.max_pool2d(fn.conv2d(xb, Wc), ds, st)
+        h = fn.relu(h + bc.view(1, -1, 1, 1)).flatten(1)
+        return fn.linear(fn.relu(fn.linear(h, W2, b2)), W3, b3)
+    return logits, opt
+
+
+def torch_step(config, X, y, batches, threads, device):
+    import torch
+    import torch.nn.functional as fn
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+    logits, opt = torch_twin(config, device)
     Xt = torch.from_numpy(X).view(-1, *XDIM).to(device)       # all data on the device, as ours
     yt = torch.from_numpy(y.astype(np.int64)).to(device)
 
     def step(xb, yb):
-        h = fn.max_pool2d(fn.conv2d(xb, Wc), ds, st)
-        h = fn.relu(h + bc.view(1, -1, 1, 1)).flatten(1)
-        h = fn.relu(fn.linear(h, W2, b2))
-        loss = fn.cross_entropy(fn.linear(h, W3, b3), yb)
+        loss = fn.cross_entropy(logits(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -123,8 +134,8 @@ def main(argv):
     if 'only' in opts:                          # one side, in this process
         if opts['only'] == 'theano':
             import convnet
-            import nnet
-            nnet.print_run_info()
+            import runlog
+            runlog.print_run_info()
             print('# convolution: %s' % convnet.conv_impl(conv))
         else:
             import torch
@@ -133,8 +144,8 @@ def main(argv):
             seconds = measure(opts['only'], config, batches, repeats, torch_device, conv) * NL / BATCH
             print('%-12s %s %.3f' % (config, opts['only'], seconds), flush=True)
         return
-    import nnet
-    nnet.print_run_info()
+    import runlog
+    runlog.print_run_info()
     sides = ['theano']
     if importlib.util.find_spec('torch'):
         sides.append('pytorch')

@@ -88,3 +88,10 @@ def make_mnist(datadir, ntrain=600, ntest=100, seed=0):
 def cifar_dir(tmp_path):
     make_cifar(str(tmp_path))
     return str(tmp_path)
+
+
+def small_problem(n=300, seed=0):
+    rng = np.random.RandomState(seed)
+    y = rng.randint(0, 3, n).astype('int32')
+    X = (rng.randn(n, 6) * 0.5 + np.eye(3, 6)[y] * 2).astype('float32')
+    return X, y

@@ -84,21 +84,36 @@ def test_pool_layer_max_pools_then_thresholds_per_channel_then_relu(ds, st, shap
 
 
 def test_cnn_gradient_matches_finite_differences():
+    """Through our own layers (conv, overlapping pool with threshold and ReLU, flatten, softmax)."""
     rng = np.random.RandomState(0)
     x = rng.randn(3, 2, 8, 8)
     y = np.array([0, 2, 1], 'int32')
-    b2 = rng.randn(2) * 0.1 + 0.3
+    net = convnet.CNN(rng, (2, 8, 8), [(2, (3, 3), (2, 2), (1, 1))], [], 3)
+    conv, pool, flat, out = net.layers
 
-    out = nnet.FullLayer(rng, 50, 3, 'softmax', bias=False)
+    def mean_cost(Wc, b, Wf, bf):
+        conv.W, pool.b, out.W, out.b = Wc, b, Wf, bf    # the network's graph with these as variables
+        return net.cost_terms(T.as_tensor_variable(x), y)[0] / 3
+    theano.gradient.verify_grad(mean_cost, [rng.randn(2, 2, 3, 3), rng.randn(2) * 0.1 + 0.3, rng.randn(50, 3),
+                                            rng.randn(3)], rng=rng, eps=1e-3, abs_tol=1e-3, rel_tol=1e-3)
 
-    def mean_cost(Wc, Wf):
-        h = T.nnet.conv2d(x, Wc, filter_flip=False)
-        p = T.signal.pool.pool_2d(h, (2, 2), stride=(1, 1), ignore_border=True)
-        a = T.nnet.relu(p + b2.reshape((1, 2, 1, 1))).flatten(2)
-        out.W = Wf
-        return out.cost_terms(a, y)[0] / 3
-    theano.gradient.verify_grad(mean_cost, [rng.randn(2, 2, 3, 3), rng.randn(50, 3)],
-                                rng=rng, eps=1e-3, abs_tol=1e-3, rel_tol=1e-3)
+
+def test_only_weights_are_decayed_never_the_pool_threshold_or_biases():
+    net = convnet.CNN(np.random.RandomState(0), (3, 8, 8), [(2, (3, 3), (2, 2), None)], [4], 3)
+    conv, pool, flat, hidden, out = net.layers
+    assert net.decay == [conv.W, hidden.W, out.W]
+    assert net.params == [conv.W, pool.b, hidden.W, hidden.b, out.W, out.b]
+    assert [p.name for p in net.params] == ['W1', 'b2', 'W4', 'b4', 'W5', 'b5']
+
+
+@pytest.mark.parametrize('script, published', [
+    ('cifar10_convnet.py', dict(W1dim=[16, 5, 5], ds1=[4, 4], st1=None, H2=1000, H3=None, eta=0.01, mu=0.9,
+                                lam=0.0001, batchsize=100, nepoch=50, ZCAwhitening=True, quickL=False)),
+    ('mnist_mlp.py', dict(H1=1000, H2=1000, eta=0.1, mu=0.9, lam=0.0, batchsize=100, nepoch=50, quickL=False))])
+def test_drivers_default_to_the_published_settings(script, published):
+    out = run_script(script, '--help')
+    settings = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {k: settings[k] for k in published} == published
 
 
 def python_ops(fn):
@@ -156,8 +171,9 @@ def test_cifar10_convnet_runs_end_to_end(tmp_path):
     assert record['status'] == 'completed' and record['settings']['W1dim'] == [4, 5, 5]
     assert record['H1'] == 196 and len(record['test']) == 2 and len(record['epochs']) == 3
     assert set(record['seconds']) == {'data', 'compile', 'train', 'total'}
-    assert np.load(record['params'])['00_W1'].shape == (4, 3, 5, 5)
+    assert np.load(out / record['params'])['00_W1'].shape == (4, 3, 5, 5)
     assert record['epochs'][-1][1] < record['epochs'][0][1]          # the training cost fell
+    assert record['data_sizes'] == {'L': 800, 'V': 200, 'T': 200} and len(record['data_fingerprint']) == 40
 
 
 def test_cifar10_convnet_overlapping_pool_and_second_layer(tmp_path):
@@ -228,4 +244,4 @@ def test_sigterm_stops_a_run_cleanly(tmp_path):
     assert '# interrupted at epoch' in log
     record = json.loads((out / 'results.jsonl').read_text())
     assert record['status'] == 'interrupted' and record['epochs'][0][0] == 0
-    assert os.path.exists(record['params'])
+    assert os.path.exists(out / record['params'])

@@ -1,5 +1,4 @@
-"""nnet.py: layers against numpy, gradients, the update rule, learning, save/load, NaN guard, overrides."""
-import json
+"""nnet.py: layers against numpy, gradients, the update rule, learning, save/load, NaN guard."""
 
 import numpy as np
 import pytest
@@ -7,6 +6,7 @@ import pytest
 import nnet
 import theano
 import theano.tensor as T
+from conftest import small_problem
 
 floatX = nnet.floatX
 
@@ -76,13 +76,6 @@ def test_cost_gradient_matches_finite_differences():
         return out.cost_terms(T.nnet.relu(T.dot(x, W1) + b1), y)[0] / 7
     theano.gradient.verify_grad(mean_cost, [rng.randn(4, 5), rng.randn(5) + 0.5, rng.randn(5, 3), rng.randn(3)],
                                 rng=rng, eps=1e-3, abs_tol=1e-3, rel_tol=1e-3)
-
-
-def small_problem(n=300, seed=0):
-    rng = np.random.RandomState(seed)
-    y = rng.randint(0, 3, n).astype('int32')
-    X = (rng.randn(n, 6) * 0.5 + np.eye(3, 6)[y] * 2).astype(floatX)
-    return X, y
 
 
 def test_one_step_follows_the_update_rule():
@@ -161,86 +154,3 @@ def test_nan_guard_names_the_epoch():
     trainer = nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), {'L': (X, y)}, 10, 0.1, 0.9, 0.0)
     with pytest.raises(nnet.TrainingDiverged, match='epoch 3, minibatch 2'):
         trainer.train_epoch('L', 'epoch 3')
-
-
-def test_interrupted_run_still_writes_record_and_parameters(tmp_path, monkeypatch, capsys):
-    X, y = small_problem(60)
-    data = {'L': (X[:40], y[:40]), 'V': (X[40:50], y[40:50]), 'T': (X[50:], y[50:])}
-    trainer = nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), data, 10, 0.1, 0.9, 0.0)
-    calls = []
-
-    def train_epoch(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return 0.5, 50.0
-    monkeypatch.setattr(trainer, 'train_epoch', train_epoch)
-    (tmp_path / 'results.jsonl').write_text('{"earlier": 1}\n')
-    code = nnet.train_and_log(trainer, 10, 'test', {'eta': 0.1}, {'device': 'cpu'}, str(tmp_path), 0, 1.0)
-    assert code == 130
-    lines = (tmp_path / 'results.jsonl').read_text().splitlines()
-    assert json.loads(lines[0]) == {'earlier': 1}
-    record = json.loads(lines[1])
-    assert record['status'] == 'interrupted' and [row[0] for row in record['epochs']] == [0, 1, 2]
-    assert np.load(record['params'])['00_W1'].shape == (6, 5)
-    assert 'interrupted at epoch 3' in capsys.readouterr().out
-
-
-def test_overrides_parse_literals_and_reject_unknown_names(capsys):
-    namespace = {'W1dim': (16, 5, 5), 'st1': None, 'eta': 0.01, 'nepoch': 50, 'ZCAwhitening': True,
-                 'datadir': None}
-    names = nnet.config_names(dict(namespace, _private=1, np=np))
-    assert names == list(namespace)
-    nnet.apply_overrides(namespace, names, ['--W1dim=(64,5,5)', '--st1=(2,2)', '--eta=1',
-                                            '--ZCAwhitening=False', '--datadir=/tmp/my data'])
-    assert namespace == {'W1dim': (64, 5, 5), 'st1': (2, 2), 'eta': 1.0, 'nepoch': 50,
-                         'ZCAwhitening': False, 'datadir': '/tmp/my data'}
-    assert '# override: W1dim = (64, 5, 5)' in capsys.readouterr().out
-    with pytest.raises(SystemExit, match='nepoch=50'):
-        nnet.apply_overrides(namespace, names, ['--epochs=3'])
-    with pytest.raises(SystemExit, match='needs a number'):
-        nnet.apply_overrides(namespace, names, ['--nepoch=ten'])
-    with pytest.raises(SystemExit, match='needs a tuple'):
-        nnet.apply_overrides(namespace, names, ['--W1dim=64'])
-
-
-def test_linkable_openblas_is_searched_in_the_linkers_order(tmp_path, monkeypatch):
-    first, second = tmp_path / 'first', tmp_path / 'second'
-    for d in (first, second):
-        d.mkdir()
-        (d / 'libopenblas.so').write_bytes(b'')
-    monkeypatch.setenv('LIBRARY_PATH', str(second))
-    assert nnet.linkable_openblas() == str(second / 'libopenblas.so')         # before the system's
-    assert nnet.linkable_openblas('-L%s -lopenblas' % first) == str(first / 'libopenblas.so')
-
-
-def test_theano_defaults_fill_in_only_what_the_user_left_unset():
-    import os
-    import platform
-    import subprocess
-    import sys
-    probe = ('import json, os, nnet; c = nnet.theano.config; '
-             'print(json.dumps([c.blas.ldflags, c.floatX, c.openmp, c.allow_gc, '
-             'os.environ.get("OPENBLAS_THREAD_TIMEOUT"), nnet.THEANO_NOTES]))')
-
-    def config(flags, **environ):
-        env = dict(os.environ, THEANO_FLAGS=flags, THEANORC='/nonexistent', **environ)
-        for name in ('GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT') + nnet.MALLOC_SETTINGS:
-            if name not in environ:
-                env.pop(name, None)
-        out = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True,
-                             cwd=os.path.dirname(nnet.__file__))
-        return json.loads(out.stdout.strip().splitlines()[-1])
-    ldflags, floatX, openmp, allow_gc, timeout, notes = config('')
-    assert (ldflags == '-lopenblas') == (nnet.linkable_openblas() is not None)
-    assert floatX == 'float32' and openmp == bool(ldflags) and notes and allow_gc is False
-    assert timeout == ('4' if openmp else None)
-    if openmp:
-        assert config('', OPENBLAS_THREAD_TIMEOUT='20')[4] == '20'
-    glibc = platform.libc_ver()[0] == 'glibc'
-    assert any(n.startswith('malloc: once the data') for n in notes) == glibc
-    assert not any(n.startswith('malloc') for n in config('', MALLOC_MMAP_MAX_='65536')[-1])
-    ldflags, floatX, openmp, allow_gc, timeout, notes = config('floatX=float64,blas.ldflags=,allow_gc=True')
-    assert (ldflags, floatX, openmp, allow_gc) == ('', 'float64', False, True)  # the user's flags win
-    assert timeout is None
-    assert any('openmp stays off' in n for n in notes)

@@ -1,0 +1,124 @@
+"""Getting data files safely: the data folder, verified downloads, safe extraction, DataError,
+and the fingerprint that identifies a data set in the run records.
+
+cifar10.py and mnist.py stand on this.
+"""
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.request
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message says how."""
+
+
+def default_datadir():
+    return os.environ.get('NNET_DATADIR') or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), 'data')
+
+
+# ---------------------------------------------------------------- download helpers
+
+def _progress(done, total, start):
+    rate = done / max(time.time() - start, 1e-6) / 1e6
+    if total:
+        msg = '\r  %5.1f%% of %.1f MB (%.1f MB/s)' % (100.0 * done / total, total / 1e6, rate)
+    else:
+        msg = '\r  %.1f MB (%.1f MB/s)' % (done / 1e6, rate)
+    sys.stderr.write(msg)
+    sys.stderr.flush()
+
+
+def md5sum(path):
+    h = hashlib.md5()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(urls, path, md5, nbytes=None):
+    """Fetch the first of `urls` that works to `path` and check its md5.
+
+    Shows progress on stderr.  The file is written as path + '.part' and renamed only
+    once it is complete and verified; a partial file is removed on any failure,
+    Ctrl-C included.  Raises DataError naming the file to put in place by hand.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    part = path + '.part'
+    failures = []
+    for url in urls:
+        sys.stderr.write('downloading %s\n' % url)
+        try:
+            h = hashlib.md5()
+            start = time.time()
+            with urllib.request.urlopen(url, timeout=60) as response, open(part, 'wb') as f:
+                total = int(response.headers.get('Content-Length') or nbytes or 0)
+                done = 0
+                for chunk in iter(lambda: response.read(1 << 20), b''):
+                    f.write(chunk)
+                    h.update(chunk)
+                    done += len(chunk)
+                    _progress(done, total, start)
+            sys.stderr.write('\n')
+            if h.hexdigest() != md5:
+                raise DataError('md5 %s, expected %s' % (h.hexdigest(), md5))
+            os.replace(part, path)
+            return path
+        except (OSError, DataError) as e:       # URLError and timeouts are OSErrors
+            sys.stderr.write('\n')
+            failures.append('  %s: %s' % (url, e))
+        finally:
+            if os.path.exists(part):
+                os.remove(part)
+    raise DataError('could not download %s:\n%s\nDownload it by hand (md5 %s) and put it at\n  %s'
+                    % (os.path.basename(path), '\n'.join(failures), md5, os.path.abspath(path)))
+
+
+def extract_tar(archive, dest, folder):
+    """Extract `folder` from a .tar.gz into dest/folder, refusing paths that escape dest.
+
+    Extracts into a temporary folder first and renames it, so an interrupted
+    extraction never leaves a folder that a later run would trust.
+    """
+    tmp = os.path.join(dest, '.%s.extracting' % folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive, 'r:gz') as tar:
+            members = tar.getmembers()
+            root = os.path.realpath(tmp)
+            for m in members:
+                target = os.path.realpath(os.path.join(tmp, m.name))
+                if not (m.isfile() or m.isdir()) or os.path.commonpath([root, target]) != root:
+                    raise DataError('%s: refusing unsafe member %r; delete the archive and retry'
+                                    % (archive, m.name))
+            tar.extractall(tmp, members)
+        if not os.path.isdir(os.path.join(tmp, folder)):
+            raise DataError('%s holds no %s/ folder; delete it and retry' % (archive, folder))
+        os.replace(os.path.join(tmp, folder), os.path.join(dest, folder))
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError('%s is damaged (%s); delete it and run again' % (archive, e))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Dataset(dict):
+    """The splits {'L': (X, y), 'V': (X, y), 'T': (X, y)}, with .fingerprint: that of the raw data."""
+
+    def __init__(self, splits, fingerprint):
+        super().__init__(splits)
+        self.fingerprint = fingerprint
+
+
+def fingerprint(raw):
+    """sha1 of the raw pixels and labels of each split, in split order: the same data, the same hash."""
+    h = hashlib.sha1()
+    for name in sorted(raw):
+        for a in raw[name]:
+            h.update(name.encode() + str(a.dtype).encode() + str(a.shape).encode())
+            h.update(a.tobytes() if not a.flags.c_contiguous else a.data)
+    return h.hexdigest()

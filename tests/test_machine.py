@@ -1,0 +1,132 @@
+"""machine.py: the BLAS and its kernels, Theano's flags and thread settings, never over the user's."""
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+import machine
+from conftest import ROOT
+
+AVX512_CPU = {'sse2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512dq', 'avx512cd', 'avx512bw', 'avx512vl'}
+AVX2_CPU = {'sse2', 'avx', 'avx2', 'fma'}
+
+
+def python(code, **environ):
+    """Run code in a fresh Python in the project folder; returns its last line of output, parsed as JSON."""
+    env = dict(os.environ, **environ)
+    env.pop('OPENBLAS_CORETYPE', None) if 'OPENBLAS_CORETYPE' not in environ else None
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('flags, detected, environ, arch, expected', [
+    # a generic fallback on an AVX-512 CPU (numpy's 0.3.20 on a 5th-generation Xeon)
+    (AVX512_CPU, {"numpy's": 'Prescott', 'the system': 'Prescott'}, {}, 'x86_64', 'SkylakeX'),
+    # AVX2 kernels on an AVX-512 CPU (numpy's 0.3.20 on a Zen 4 EPYC), one library right
+    (AVX512_CPU, {"numpy's": 'Zen', 'the system': 'Cooperlake'}, {}, 'x86_64', 'SkylakeX'),
+    # a generic fallback on an AVX2 CPU
+    (AVX2_CPU, {"numpy's": 'Prescott', "scipy's": 'Haswell'}, {}, 'x86_64', 'Haswell'),
+    # correct detections are left alone
+    (AVX512_CPU, {"numpy's": 'SkylakeX', 'the system': 'Cooperlake'}, {}, 'x86_64', None),
+    (AVX2_CPU, {"numpy's": 'Zen', 'the system': 'Haswell'}, {}, 'x86_64', None),
+    # the user's own setting wins, even a generic one
+    (AVX512_CPU, {"numpy's": 'Prescott'}, {'OPENBLAS_CORETYPE': 'Prescott'}, 'x86_64', None),
+    # nothing better to choose: no AVX2, or not x86 at all
+    ({'sse2', 'avx'}, {"numpy's": 'Sandybridge'}, {}, 'x86_64', None),
+    (set(), {"numpy's": 'ARMV8'}, {}, 'aarch64', None),
+    (AVX512_CPU, {"numpy's": 'NEOVERSEN1'}, {}, 'aarch64', None),
+])
+def test_kernel_choice(flags, detected, environ, arch, expected):
+    coretype, why = machine.choose_coretype(flags, detected, environ, arch)
+    assert coretype == expected
+    if expected:                        # the log names the libraries that fell behind, and only those
+        level = machine.cpu_level(flags, arch)
+        assert expected in why
+        for lib, core in detected.items():
+            assert (lib in why) == (machine.KERNEL_LEVEL.get(core.lower(), 0) < level)
+    elif environ:
+        assert 'set by you' in why
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\nbugs\t\t: none\n')
+    assert machine.cpu_flags(str(cpuinfo)) == {'fpu', 'sse2', 'avx2', 'fma', 'avx512f'}
+    assert machine.cpu_flags(str(tmp_path / 'none')) == set()
+
+
+def numpy_kernels_code(also=''):
+    return ('import json, machine%s, numpy; numpy.dot(numpy.ones((64, 64)), numpy.ones((64, 64))); '
+            'print(json.dumps({machine.library_label(p): core for p, (v, core) in machine.loaded_openblas().items()}))'
+            % also)
+
+
+@pytest.mark.skipif(machine.wheel_openblas('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
+def test_numpy_runs_the_chosen_kernels_and_the_probe_tells_the_truth():
+    alone = python('import json, numpy; import machine; print(json.dumps(machine.loaded_openblas() and '
+                   '{machine.library_label(p): core for p, (v, core) in machine.loaded_openblas().items()}))',
+                   MACHINE_PROBE='1')                  # numpy loaded before any choice is made
+    assert machine.OPENBLAS_ALONE.get("numpy's", (None, alone["numpy's"]))[1] == alone["numpy's"]
+    chosen = python(numpy_kernels_code())
+    level = machine.cpu_level(machine.cpu_flags())
+    assert machine.KERNEL_LEVEL.get(chosen["numpy's"].lower(), 0) >= level
+    if os.environ.get('OPENBLAS_CORETYPE') is None and machine.NOTES[0].startswith('OpenBLAS kernels: OPENBLAS'):
+        assert chosen["numpy's"] == machine.LEVEL_CORETYPE[level]
+    assert python(numpy_kernels_code(), OPENBLAS_CORETYPE='Prescott')["numpy's"] == 'Prescott'   # the user's
+
+
+@pytest.mark.skipif(machine.wheel_openblas('scipy') is None, reason="scipy's wheel carries no OpenBLAS here")
+def test_without_a_system_openblas_theano_links_scipys_and_computes_right():
+    code = ('import os, json; os.environ["MACHINE_PROBE"] = "1"; import machine; del os.environ["MACHINE_PROBE"]; '
+            'machine.SYSTEM_LIB_DIRS[:] = []; notes, _ = machine.set_up(); '
+            'import numpy as np, theano, theano.tensor as T; a, b = T.matrices("a", "b"); '
+            'f = theano.function([a, b], T.dot(a, b)); x = np.random.RandomState(0).rand(300, 200).astype("float32"); '
+            'ops = [type(n.op).__name__ for n in f.maker.fgraph.toposort()]; '
+            'err = float(abs(f(x, x.T) - x.astype("f8") @ x.T.astype("f8")).max()); '
+            'print(json.dumps([theano.config.blas.ldflags, ops, err, notes]))')
+    ldflags, ops, err, notes = python(code, THEANO_FLAGS='', THEANORC='/nonexistent', LIBRARY_PATH='')
+    assert 'scipy.libs' in ldflags and ops == ['Dot22'] and err < 1e-3
+    assert any("scipy's OpenBLAS" in n for n in notes)
+
+
+def test_linkable_openblas_is_searched_in_the_linkers_order(tmp_path, monkeypatch):
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    for d in (first, second):
+        d.mkdir()
+        (d / 'libopenblas.so').write_bytes(b'')
+    monkeypatch.setenv('LIBRARY_PATH', str(second))
+    assert machine.linkable_openblas() == str(second / 'libopenblas.so')         # before the system's
+    assert machine.linkable_openblas('-L%s -lopenblas' % first) == str(first / 'libopenblas.so')
+
+
+def test_theano_flags_fill_in_only_what_the_user_left_unset():
+    probe = ('import json, os, machine, theano; c = theano.config; '
+             'print(json.dumps([c.blas.ldflags, c.floatX, c.openmp, c.allow_gc, '
+             'os.environ.get("OPENBLAS_THREAD_TIMEOUT"), machine.NOTES]))')
+
+    def config(flags, **environ):
+        env = dict(os.environ, THEANO_FLAGS=flags, THEANORC='/nonexistent', **environ)
+        for name in ('GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT') + machine.MALLOC_SETTINGS:
+            if name not in environ:
+                env.pop(name, None)
+        out = subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    ldflags, floatX, openmp, allow_gc, timeout, notes = config('')
+    assert ldflags == ('-lopenblas' if machine.linkable_openblas() else machine.choose_ldflags()[0])
+    assert floatX == 'float32' and openmp == bool(ldflags) and notes and allow_gc is False
+    assert timeout == ('4' if openmp else None)
+    if openmp:
+        assert config('', OPENBLAS_THREAD_TIMEOUT='20')[4] == '20'
+    glibc = platform.libc_ver()[0] == 'glibc'
+    assert any(n.startswith('malloc: once the data') for n in notes) == glibc
+    assert not any(n.startswith('malloc') for n in config('', MALLOC_MMAP_MAX_='65536')[-1])
+    ldflags, floatX, openmp, allow_gc, timeout, notes = config('floatX=float64,blas.ldflags=,allow_gc=True')
+    assert (ldflags, floatX, openmp, allow_gc) == ('', 'float64', False, True)  # the user's flags win
+    assert timeout is None
+    assert any('openmp stays off' in n for n in notes)
