@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up this project on a Debian/Ubuntu machine:  bash setup.sh [--test] [--plot]
 #   - system packages Theano compiles against: g++, Python headers, OpenBLAS (apt-get, when
-#     run as root or with password-less sudo; otherwise it prints the command to run)
+#     run as root or with password-less sudo; otherwise it prints the command to run).
+#     OpenBLAS is optional: without it machine.py links the one in scipy's wheel.
 #   - .venv with requirements.txt (+ requirements-test.txt with --test, + requirements-plot.txt with --plot)
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
@@ -48,7 +49,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup.sh: missing ${missing[*]}; install them with:  sudo apt-get install ${missing[*]}" >&2
     case " ${missing[*]} " in
       *" libopenblas-dev "*) [ ${#missing[@]} -eq 1 ] || exit 1
-        echo "  (going on without OpenBLAS: Theano will use its much slower numpy fallback)" >&2 ;;
+        echo "  (going on without it: Theano links the OpenBLAS of scipy's wheel instead, as fast, no root needed)" >&2 ;;
       *) exit 1 ;;
     esac
   fi

@@ -40,9 +40,10 @@ def seconds_per_epoch(log, nepoch):
 
 def twin(config, nepoch, datadir):
     """The twin's run, printing rows `epoch | costL accL | costV accV | seconds` as the driver does."""
+    import bench_train
+    bench_train.as_pytorch_runs(USER_ENV)
     import torch
     import torch.nn.functional as fn
-    import bench_train
     import cifar10
     torch.set_num_threads(os.cpu_count())
     print('# PyTorch %s, %d threads' % (torch.__version__, os.cpu_count()), flush=True)

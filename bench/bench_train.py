@@ -58,8 +58,18 @@ def theano_step(config, X, y, batches, conv):
     return run
 
 
+def as_pytorch_runs(user_env=USER_ENV):
+    """The twin runs as PyTorch users run it: the user's environment, less the OpenMP and OpenBLAS
+    thread settings that machine.py makes for Theano (GOMP_SPINCOUNT is read by PyTorch's OpenMP
+    too); the BLAS kernels stay as chosen.  Call before importing torch."""
+    for name in ('GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT'):
+        if name not in user_env:
+            os.environ.pop(name, None)
+
+
 def torch_twin(config, device):
     """The network and update rule in PyTorch, initialised as ours: (logits function, optimizer)."""
+    as_pytorch_runs()
     import torch
     import torch.nn.functional as fn
     F, ds, st = CONFIGS[config]
@@ -85,6 +95,7 @@ def torch_twin(config, device):
 
 
 def torch_step(config, X, y, batches, threads, device):
+    as_pytorch_runs()
     import torch
     import torch.nn.functional as fn
     torch.set_num_threads(threads)
@@ -138,6 +149,7 @@ def main(argv):
             runlog.print_run_info()
             print('# convolution: %s' % convnet.conv_impl(conv))
         else:
+            as_pytorch_runs()
             import torch
             print('# PyTorch %s, %d threads, device %s' % (torch.__version__, os.cpu_count(), torch_device))
         for config in configs:

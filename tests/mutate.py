@@ -1,0 +1,77 @@
+"""Does the suite pin the published experiment?  Each mutation below changes one published detail
+in a scratch copy of the project; the whole suite then has to fail.
+
+    python tests/mutate.py            # a few minutes; not part of the default test run
+
+Prints one line per mutation, `caught` or `MISSED`, and exits non-zero if any was missed
+(or no longer applies: the code it changes has moved, and the list needs updating).
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MUTATIONS = [  # what, file, published text, mutated text
+    ('the pool threshold weight-decayed (the rule decays W only)', 'convnet.py',
+     'self.params, self.decay = [self.b], []', 'self.params, self.decay = [self.b], [self.b]'),
+    ('the log every 5th epoch (published: 0-5, then every 10th)', 'runlog.py',
+     'return epoch <= 5 or epoch % 10 == 0', 'return epoch % 5 == 0'),
+    ('the epoch-0 row evaluating V in place of L', 'runlog.py',
+     "            if epoch == 0:\n                costL, accL = trainer.evaluate('L')",
+     "            if epoch == 0:\n                costL, accL = trainer.evaluate('V')"),
+    ('the training columns from the training pass (published: L evaluated after the epoch)', 'runlog.py',
+     'if epoch > 0 and not quickL:', 'if epoch > 0 and quickL:'),
+    ('the starred row evaluating V in place of T', 'runlog.py',
+     "costT, accT = trainer.evaluate('T')", "costT, accT = trainer.evaluate('V')"),
+    ('ZCA epsilon 0.003 (published 0.001)', 'cifar10.py', 'ZCA_EPSILON = 0.001', 'ZCA_EPSILON = 0.003'),
+    ('ZCA epsilon added outside the square root', 'cifar10.py',
+     '(1.0 / np.sqrt(s + epsilon))', '(1.0 / np.sqrt(s) + epsilon)'),
+    ('MNIST weight decay 0.001 (its run: 0)', 'mnist_mlp.py', '\nlam = 0.0\n', '\nlam = 0.001\n'),
+    ('CIFAR-10 momentum 0.95 (published 0.9)', 'cifar10_convnet.py', '\nmu = 0.9 ', '\nmu = 0.95'),
+]
+
+
+def tracked_files():
+    out = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def run_mutation(what, filename, published, mutated, files):
+    scratch = tempfile.mkdtemp(prefix='mutate-')
+    try:
+        for name in files:
+            os.makedirs(os.path.join(scratch, os.path.dirname(name)), exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), os.path.join(scratch, name))
+        path = os.path.join(scratch, filename)
+        text = open(path).read()
+        if text.count(published) != 1:
+            return 'STALE (the published text is no longer found once in %s)' % filename
+        with open(path, 'w') as f:
+            f.write(text.replace(published, mutated))
+        try:
+            result = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider'],
+                                    cwd=scratch, capture_output=True, text=True, timeout=1200)
+        except subprocess.TimeoutExpired:
+            return 'MISSED (the suite timed out)'
+        failed = [line for line in result.stdout.splitlines() if line.startswith('FAILED')]
+        return ('caught by %s' % failed[0][7:].split(' - ')[0]) if result.returncode else 'MISSED'
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main():
+    files = tracked_files()
+    missed = 0
+    for what, filename, published, mutated in MUTATIONS:
+        verdict = run_mutation(what, filename, published, mutated, files)
+        missed += not verdict.startswith('caught')
+        print('%-90s %s' % (what, verdict), flush=True)
+    print('%d of %d mutations caught' % (len(MUTATIONS) - missed, len(MUTATIONS)))
+    return 1 if missed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
