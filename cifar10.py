@@ -11,6 +11,7 @@ setting, else $NNET_DATADIR, else ./data beside these scripts.  Absent data are
 downloaded (official archive, md5-checked; download.py).  It needs numpy only (scipy, if
 present, speeds up ZCA).
 """
+import glob
 import hashlib
 import json
 import os
@@ -139,21 +140,63 @@ def _cache_key(data_fingerprint, epsilon, dtype):
                         .encode()).hexdigest()
 
 
+def _remove_stale_writes(path):
+    """Temporary folders of cache writers that were killed (their process is gone)."""
+    for tmp in glob.glob(path + '.tmp*'):
+        try:
+            os.kill(int(tmp.rsplit('.tmp', 1)[1].split('-')[0]), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:          # alive, another user's
+            pass
+
+
 def _save_cache(path, arrays, meta):
-    """Write the cache folder atomically: complete or absent, never half-written."""
-    tmp = path + '.tmp%d' % os.getpid()
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write the cache folder atomically: complete or absent, never half-written.
+
+    Runs started side by side may both fit and write: the first complete copy stays, and
+    a later writer quietly drops its own.  Never raises: the cache only saves time.
+    """
+    tmp = path + '.tmp%d-%d' % (os.getpid(), threading.get_ident())
     try:
+        _remove_stale_writes(path)
         os.makedirs(tmp)
         for name, a in arrays.items():
             np.save(os.path.join(tmp, name + '.npy'), a)
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:
             json.dump(meta, f)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-    except BaseException:
+        if _cache_meta(path).get('key') != meta['key']:      # absent, or not a complete copy
+            shutil.rmtree(path, ignore_errors=True)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if _cache_meta(path).get('key') != meta['key']:  # not another writer's complete copy
+                    raise
+    except OSError as e:
+        sys.stderr.write('warning: could not write the ZCA cache %s (%s); the next run fits it again\n'
+                         % (path, e))
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def _cache_meta(path):
+    try:
+        with open(os.path.join(path, 'meta.json')) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _other_caches(path):
+    """'NAME (SIZE MB)' for each other ZCA cache beside path (other data, epsilon or dtype)."""
+    out = []
+    for other in sorted(glob.glob(os.path.join(os.path.dirname(path), 'cifar10-zca-*'))):
+        if other != path and '.tmp' not in os.path.basename(other):
+            size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(other, '*')))
+            out.append('%s (%d MB)' % (os.path.basename(other), size // 2 ** 20))
+    return out
 
 
 _cache_writers = []
@@ -166,10 +209,9 @@ def flush_cache():
 
 
 def _load_cache(path, key):
+    if _cache_meta(path).get('key') != key:
+        return None
     try:
-        with open(os.path.join(path, 'meta.json')) as f:
-            if json.load(f).get('key') != key:
-                return None
         return {n: np.load(os.path.join(path, n + '.npy')) for n in ('mean', 'zca', 'L', 'V', 'T')}
     except (OSError, ValueError):
         return None
@@ -220,6 +262,10 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     else:
         how = 'from cache %s' % path
     log and log('data: ZCA (eps %g) %s (%.1f s)' % (epsilon, how, time.time() - start))
+    others = _other_caches(path) if cache else []
+    if others and log:
+        log('other ZCA caches in %s (other data, epsilon or dtype; delete them if unused): %s'
+            % (os.path.dirname(path), ', '.join(others)))
     return Dataset({name: (cached[name], labels[name]) for name in ('L', 'V', 'T')}, data_fingerprint)
 
 

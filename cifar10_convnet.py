@@ -5,21 +5,24 @@
     python cifar10_convnet.py --W1dim="(64,5,5)" --st1="(2,2)" --H3=1000
 
 Edit the settings below, or override any of them as --name=value (Python literals).
+Every setting is checked before any work; a bad one stops the run with one `error:` line.
+To drop a ReLU layer set it to None: H3 = None (the published run), and H2 = None too
+for softmax straight after the conv-pool stage.  Relative folders (datadir, outdir) are
+taken from this script's folder; ~ and $VARS are expanded.
 Prints the published log; appends a record of the run to runs/results.jsonl and saves
-the trained parameters as runs/cifar10_convnet-<time>.npz.
+the trained parameters beside it as cifar10_convnet-<time>-<pid>.npz.
 """
 import time
 _t_start = time.time()                  # the log's total explains what `time` shows
 
-import os                               # noqa: E402
 import sys                              # noqa: E402
 
 # ---- settings (the published run); names follow the published log
 W1dim = (16, 5, 5)       # conv filters: count, height, width (input 3 x 32 x 32, stride 1, no padding)
 ds1 = (4, 4)             # max-pool window
 st1 = None               # pool stride; None = the window (no overlap), (2, 2) overlaps a 4x4 window
-H2 = 1000                # ReLU units after the conv-pool stage
-H3 = None                # a second ReLU layer of that many units, or None
+H2 = 1000                # ReLU units after the conv-pool stage, or None: no such layer
+H3 = None                # a second ReLU layer of that many units, or None: no such layer
 eta = 0.01               # learning rate
 mu = 0.9                 # momentum
 lam = 0.0001             # weight decay, on W only
@@ -33,7 +36,7 @@ conv = 'auto'            # how the convolution is computed, same values: 'conv2d
 datadir = None           # holds cifar-10-batches-py/; None: $NNET_DATADIR, else ./data here
 quickL = False           # False: the training columns evaluate L after the epoch, as published;
                          # True: running figures of the training pass itself (no second pass)
-outdir = 'runs'          # results.jsonl and the saved parameters
+outdir = 'runs'          # results.jsonl and the saved parameters (beside this script unless absolute)
 datanote = ''            # free text kept with the record, e.g. where the data came from
 
 import machine                          # noqa: E402  (first: Theano's flags, the BLAS kernels)
@@ -49,15 +52,26 @@ import convnet                          # noqa: E402
 from download import DataError, default_datadir   # noqa: E402
 
 
+def check_shapes():
+    """Refuse filters larger than the image and pool windows larger than the map they pool."""
+    C, H, W = cifar10.XDIM
+    if W1dim[1] > H or W1dim[2] > W:
+        runlog.refuse('W1dim', W1dim, 'filters of at most %dx%d, the image' % (H, W))
+    mh, mw = H - W1dim[1] + 1, W - W1dim[2] + 1
+    if ds1[0] > mh or ds1[1] > mw:
+        runlog.refuse('ds1', ds1, 'a window of at most %dx%d, the map that %dx%d filters leave'
+                      % (mh, mw, W1dim[1], W1dim[2]))
+
+
 def main():
-    try:
-        conv_used = convnet.conv_impl(conv)
-    except ValueError as e:
-        sys.exit('error: %s' % e)
+    check_shapes()
+    conv_used = convnet.conv_impl(conv)
+    out_folder = runlog.folder('outdir', outdir)
+    data_folder = runlog.folder('datadir', datadir or default_datadir())
     info = runlog.print_run_info()
     machine.require_gpu_if_asked()
     try:
-        data = cifar10.load(datadir, zca=ZCAwhitening, dtype=nnet.floatX,
+        data = cifar10.load(data_folder, zca=ZCAwhitening, dtype=nnet.floatX,
                             log=lambda line: print('# ' + line, flush=True))
     except DataError as e:
         sys.exit('error: %s' % e)
@@ -81,8 +95,8 @@ def main():
     print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
 
     return runlog.train_and_log(trainer, nepoch, 'cifar10_convnet', {k: globals()[k] for k in config}, info,
-                                outdir, _t_start, t_data, quickL, H1=net.H1, conv_impl=conv_used,
-                                data_dir=os.path.abspath(datadir or default_datadir()),
+                                out_folder, _t_start, t_data, quickL, H1=net.H1, conv_impl=conv_used,
+                                data_dir=data_folder,
                                 data_fingerprint=data.fingerprint, data_sizes={k: len(y) for k, (X, y) in data.items()})
 
 

@@ -17,7 +17,10 @@ class DataError(Exception):
 
 
 def default_datadir():
-    return os.environ.get('NNET_DATADIR') or os.path.join(
+    """$NNET_DATADIR (~ and $VARS expanded), else ./data beside the scripts."""
+    if os.environ.get('NNET_DATADIR'):
+        return os.path.expandvars(os.path.expanduser(os.environ['NNET_DATADIR']))
+    return os.path.join(
         os.path.dirname(os.path.abspath(__file__)), 'data')
 
 

@@ -4,18 +4,19 @@
     THEANO_FLAGS='device=cuda' python mnist_mlp.py    # GPU
     python mnist_mlp.py --H2=500 --nepoch=10
 
-Edit the settings below or override them as --name=value, as in cifar10_convnet.py.
+Edit the settings below or override them as --name=value, as in cifar10_convnet.py: every
+setting is checked before any work; H1 = None or H2 = None drops that layer; relative
+folders are taken from this script's folder.
 """
 import time
 _t_start = time.time()
 
-import os                               # noqa: E402
 import sys                              # noqa: E402
 
 # ---- settings: the original MNIST run.  Its GPU post did not record the layer sizes;
 # ---- two ReLU layers of 1000 units are our choice.
-H1 = 1000                # first ReLU layer
-H2 = 1000                # second ReLU layer, or None for one hidden layer
+H1 = 1000                # first ReLU layer, or None: no such layer
+H2 = 1000                # second ReLU layer, or None: one hidden layer
 eta = 0.1
 mu = 0.9
 lam = 0.0
@@ -26,7 +27,7 @@ seed = 0
 datadir = None           # holds mnist/*.gz; None: $NNET_DATADIR, else ./data here
 quickL = False           # False: the training columns evaluate L after the epoch, as published;
                          # True: running figures of the training pass itself (no second pass)
-outdir = 'runs'
+outdir = 'runs'          # results.jsonl and the saved parameters (beside this script unless absolute)
 
 import machine                          # noqa: E402  (first: Theano's flags, the BLAS kernels)
 import runlog                           # noqa: E402
@@ -41,10 +42,12 @@ from download import DataError, default_datadir   # noqa: E402
 
 
 def main():
+    out_folder = runlog.folder('outdir', outdir)
+    data_folder = runlog.folder('datadir', datadir or default_datadir())
     info = runlog.print_run_info()
     machine.require_gpu_if_asked()
     try:
-        data = mnist.load(datadir, dtype=nnet.floatX)
+        data = mnist.load(data_folder, dtype=nnet.floatX)
     except DataError as e:
         sys.exit('error: %s' % e)
     t_data = time.time() - _t_start
@@ -64,8 +67,8 @@ def main():
     print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)
 
     return runlog.train_and_log(trainer, nepoch, 'mnist_mlp', {k: globals()[k] for k in config}, info,
-                                outdir, _t_start, t_data, quickL,
-                                data_dir=os.path.abspath(datadir or default_datadir()),
+                                out_folder, _t_start, t_data, quickL,
+                                data_dir=data_folder,
                                 data_fingerprint=data.fingerprint, data_sizes={k: len(y) for k, (X, y) in data.items()})
 
 

@@ -97,8 +97,13 @@ class Network:
         """Parameters as plain arrays in a .npz with the settings (JSON), written atomically."""
         arrays = {'%02d_%s' % (i, p.name): p.get_value() for i, p in enumerate(self.params)}
         tmp = path + '.tmp.npz'
-        np.savez(tmp, settings=json.dumps(settings, default=str), **arrays)
-        os.replace(tmp, path)
+        try:
+            np.savez(tmp, settings=json.dumps(settings, default=str), **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     def load(self, path):
         """Set the parameters from a .npz written by save(); returns its settings."""

@@ -10,6 +10,7 @@ import platform
 import re
 import signal
 import sys
+import tempfile
 import time
 
 import machine
@@ -28,9 +29,10 @@ def config_names(namespace):
 def apply_overrides(namespace, names, argv):
     """Apply --name=value arguments to the driver's globals; values are Python literals.
 
-    Unknown names are rejected with the list of valid ones; each override is printed.
-    --help (after any overrides) prints the settings and exits; its last two lines are
-    JSON: the device, then the settings (sweep.py reads them).
+    Unknown names are rejected with the list of valid ones; each override is printed;
+    check_settings then checks every value.  --help (after any overrides) prints the
+    settings and exits; its last two lines are JSON: the device, then the settings
+    (sweep.py reads them).
     """
     for arg in argv:
         if arg == '--help':
@@ -49,16 +51,79 @@ def apply_overrides(namespace, names, argv):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text                                  # a bare string such as a path
-        old = namespace[name]
-        if isinstance(old, (bool, str, tuple)) and type(value) is not type(old):
-            sys.exit('error: --%s needs a %s like %r, got %r' % (name, type(old).__name__, old, text))
-        if isinstance(old, (int, float)) and not isinstance(old, bool) and (
-                isinstance(value, bool) or not isinstance(value, (int, float))):
-            sys.exit('error: --%s needs a number like %r, got %r' % (name, old, text))
-        if isinstance(old, float):
-            value = float(value)
+        if type(namespace[name]) is float and type(value) is int:
+            value = float(value)                          # --eta=1 means 1.0
         namespace[name] = value
         print('# override: %s = %r' % (name, value))
+    check_settings(namespace, names)
+
+
+# ---------------------------------------------------------------- settings, checked before any work
+
+def _number(v):
+    return type(v) in (int, float) and np.isfinite(v)
+
+
+def _count(v):
+    return type(v) is int and v > 0
+
+
+def _counts(n):
+    return lambda v: type(v) is tuple and len(v) == n and all(_count(x) for x in v)
+
+
+RULES = {  # setting: (what it takes, check)
+    'W1dim': ('a tuple of 3 positive integers (filters, height, width)', _counts(3)),
+    'ds1': ('a tuple of 2 positive integers (window height, width)', _counts(2)),
+    'st1': ('None (the stride is the window) or a tuple of 2 positive integers', lambda v: v is None or _counts(2)(v)),
+    'H1': ('a positive integer, or None to drop the layer', lambda v: v is None or _count(v)),
+    'H2': ('a positive integer, or None to drop the layer', lambda v: v is None or _count(v)),
+    'H3': ('a positive integer, or None to drop the layer', lambda v: v is None or _count(v)),
+    'eta': ('a positive number', lambda v: _number(v) and v > 0),
+    'mu': ('a number from 0 up to, not including, 1 (1 or more makes the steps grow without end)',
+           lambda v: _number(v) and 0 <= v < 1),
+    'lam': ('a number >= 0', lambda v: _number(v) and v >= 0),
+    'Wstd': ('a positive number', lambda v: _number(v) and v > 0),
+    'batchsize': ('a positive integer', _count),
+    'nepoch': ('an integer >= 0 (0: evaluate the initial network only)', lambda v: type(v) is int and v >= 0),
+    'seed': ('an integer from 0 to 2**32 - 1', lambda v: type(v) is int and 0 <= v < 2 ** 32),
+    'ZCAwhitening': ('True or False', lambda v: type(v) is bool),
+    'quickL': ('True or False', lambda v: type(v) is bool),
+    'conv': ("'auto', 'conv2d' or 'im2col'", lambda v: v in ('auto', 'conv2d', 'im2col')),
+    'datadir': ('None or a folder', lambda v: v is None or (type(v) is str and v.strip() != '')),
+    'outdir': ('a folder', lambda v: type(v) is str and v.strip() != ''),
+    'datanote': ('a string', lambda v: type(v) is str),
+}
+
+
+def refuse(name, value, what):
+    """Stop the run before any work with one line naming the setting, its value and what it takes."""
+    sys.exit('error: --%s=%r: needs %s' % (name, value, what))
+
+
+def check_settings(namespace, names):
+    """Refuse the first setting whose value does not fit its rule (RULES)."""
+    for name in names:
+        if name in RULES and not RULES[name][1](namespace[name]):
+            refuse(name, namespace[name], RULES[name][0])
+
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def folder(name, path):
+    """A folder setting made ready: ~ and $VARS expanded, relative to the scripts' folder (so the
+    drivers and sweep.py agree whatever the current folder), created; refused if it cannot be."""
+    full = os.path.join(SCRIPTS, os.path.expandvars(os.path.expanduser(path)))
+    if os.path.exists(full) and not os.path.isdir(full):
+        refuse(name, path, 'a folder: %s is a file' % full)
+    try:
+        os.makedirs(full, exist_ok=True)
+    except OSError as e:
+        refuse(name, path, 'a folder that can be created: %s: %s' % (full, e.strerror))
+    if not os.access(full, os.W_OK | os.X_OK):
+        refuse(name, path, 'a folder this user can write: %s is not' % full)
+    return full
 
 
 def run_info():
@@ -96,6 +161,60 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def say(text):
+    """Print and flush; once stdout is a closed pipe (`| tee` stopped by the same Ctrl-C), say
+    nothing more rather than fail: the run still has to write its record and parameters."""
+    try:
+        print(text, flush=True)
+    except OSError:                     # BrokenPipeError, or a terminal gone
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())    # also what Python flushes at exit
+
+
+def append_record(path, record):
+    """Append one JSON line in one write; start it on a fresh line if the file's last one was cut off."""
+    line = (json.dumps(record, default=str) + '\n').encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, 'rb') as f:
+                f.seek(size - 1)
+                if f.read(1) != b'\n':
+                    line = b'\n' + line
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def new_params_path(folder, script):
+    """A parameter file name no other run has: time and process id, and a number if need be."""
+    stem = os.path.join(folder, '%s-%s-%d' % (script, time.strftime('%Y%m%d-%H%M%S'), os.getpid()))
+    path, n = stem + '.npz', 1
+    while os.path.exists(path):
+        path, n = '%s-%d.npz' % (stem, n), n + 1
+    return path
+
+
+def save_run(record, net, settings, outdir, script):
+    """The record line first, then the parameters (atomic), in outdir or, failing that, the system's
+    temporary folder.  Returns the folder used, or None if neither could be written."""
+    for where in (outdir, tempfile.gettempdir()):
+        try:
+            os.makedirs(where, exist_ok=True)
+            params_path = new_params_path(where, script)
+            record['params'] = os.path.basename(params_path)      # resolved from the record's folder
+            results_path = os.path.join(where, 'results.jsonl')
+            append_record(results_path, record)
+            net.save(params_path, dict(settings, status=record['status']))
+            say('# record appended to %s\n# parameters: %s' % (results_path, params_path))
+            return where
+        except OSError as e:
+            say('# could not save in %s: %s%s' % (where, e, '; trying the temporary folder instead'
+                                                     if where == outdir else ''))
+    return None
+
+
 def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_data, quickL=False, **extra):
     """The published training loop and log; ends by writing the record and the parameters.
 
@@ -103,22 +222,23 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     last.  As published, each row evaluates the network after that epoch on the whole
     training set L and validation set V, in minibatches; quickL=True takes the training
     columns from the training pass itself instead (running figures while the weights
-    move: cheaper, but not what the published log shows).  Then
-    one JSON line appended to outdir/results.jsonl (settings, info, every logged row,
-    test figures, data/compile/train/total seconds; t_start is the script's start, so
-    the total explains what `time` shows) and the parameters in outdir/SCRIPT-TIME.npz.
+    move: cheaper, but not what the published log shows).  Then one JSON line appended
+    to outdir/results.jsonl (settings, info, every logged row, test figures,
+    data/compile/train/total seconds; t_start is the script's start, so the total
+    explains what `time` shows) and the parameters in outdir/SCRIPT-TIME-PID.npz.
     On Ctrl-C (or SIGTERM, as from `kill` or a job scheduler) or a diverging cost both are
-    still written, marked as such.
-    Returns the exit code: 0, 130 after Ctrl-C, 1 after divergence.
+    still written, marked as such, even when stdout is a pipe that closed; if outdir
+    cannot be written they go to the temporary folder, and the log says where.
+    Returns the exit code: 0, 130 after Ctrl-C, 1 after divergence, 74 if nothing could be saved.
     """
     record = dict(script=script, settings=settings, **extra, **info)
     record['seconds'] = {'data': t_data, 'compile': trainer.compile_seconds}
     t0 = time.time()
     record['epochs'] = epochs = []
-    status = 'completed'
+    status, epoch = 'completed', 0
     if quickL:
-        print('# quickL: the training columns are running figures of the training pass, '
-              'not the published evaluation after each epoch')
+        say('# quickL: the training columns are running figures of the training pass, '
+            'not the published evaluation after each epoch')
     previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         for epoch in range(nepoch + 1):
@@ -131,31 +251,31 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
                     costL, accL = trainer.evaluate('L')
                 costV, accV = trainer.evaluate('V')
                 epochs.append([epoch, costL, accL, costV, accV, time.time() - t0])
-                print('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(epochs[-1]), flush=True)
-        print('# NT = ', trainer.bounds['T'][1] - trainer.bounds['T'][0])
+                say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(epochs[-1]))
+        say('# NT =  %d' % (trainer.bounds['T'][1] - trainer.bounds['T'][0]))
         costT, accT = trainer.evaluate('T')
         record['test'] = [costT, accT]
-        print('%d | %.6f %.2f | %.6f %.2f | %.6f %.2f *' % (nepoch, costL, accL, costV, accV, costT, accT))
+        say('%d | %.6f %.2f | %.6f %.2f | %.6f %.2f *' % (nepoch, costL, accL, costV, accV, costT, accT))
     except KeyboardInterrupt:
         status = 'interrupted'
-        print('# interrupted at epoch %d: saving what there is' % epoch)
+        say('# interrupted at epoch %d: saving what there is' % epoch)
     except TrainingDiverged as e:
         status = 'diverged'
-        print('# stopped: %s' % e)
+        say('# stopped: %s' % e)
+    # a second Ctrl-C or SIGTERM must not cut the saving short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        record['status'] = status
+        record['seconds']['train'] = time.time() - t0
+        record['seconds']['total'] = time.time() - t_start
+        s = record['seconds']
+        say('# seconds: data %.1f  compile %.1f  train %.1f  total %.1f'
+            % (s['data'], s['compile'], s['train'], s['total']))
+        saved = save_run(record, trainer.net, settings, outdir, script)
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
-    record['status'] = status
-    record['seconds']['train'] = time.time() - t0
-    record['seconds']['total'] = time.time() - t_start
-    s = record['seconds']
-    print('# seconds: data %.1f  compile %.1f  train %.1f  total %.1f'
-          % (s['data'], s['compile'], s['train'], s['total']))
-    os.makedirs(outdir, exist_ok=True)
-    params_path = os.path.join(outdir, '%s-%s.npz' % (script, time.strftime('%Y%m%d-%H%M%S')))
-    results_path = os.path.join(outdir, 'results.jsonl')
-    record['params'] = os.path.basename(params_path)     # resolved from the records' folder
-    trainer.net.save(params_path, dict(settings, status=status))
-    with open(results_path, 'a') as f:             # one line, appended whole: old lines stay intact
-        f.write(json.dumps(record, default=str) + '\n')
-    print('# parameters: %s\n# record appended to %s' % (params_path, results_path))
+        signal.signal(signal.SIGINT, previous_sigint)
+    if saved is None:
+        return 74                               # EX_IOERR
     return {'completed': 0, 'interrupted': 130}.get(status, 1)

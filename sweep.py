@@ -40,10 +40,23 @@ PUBLISHED_SIZES = {'L': 40000, 'V': 10000, 'T': 10000}
 
 
 def read_records(path=RESULTS):
+    """The records of results.jsonl; a damaged line (a writer killed mid-line) is skipped with a warning."""
     if not os.path.exists(path):
         return []
+    records = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    sys.stderr.write('warning: %s, line %d is damaged; skipped\n' % (path, number))
+    return records
+
+
+def results_path(base):
+    """results.jsonl in the drivers' outdir, resolved as the drivers resolve it."""
+    return os.path.join(HERE, os.path.expandvars(os.path.expanduser(base['outdir'])), 'results.jsonl')
 
 
 def driver_defaults(extra=()):
@@ -96,11 +109,12 @@ def run(argv):
     base, device = driver_defaults(extra)
     import cifar10
     try:
-        data_fingerprint = cifar10.fingerprint(cifar10.load_raw(base['datadir']))
+        datadir = base['datadir'] and os.path.join(HERE, os.path.expandvars(os.path.expanduser(base['datadir'])))
+        data_fingerprint = cifar10.fingerprint(cifar10.load_raw(datadir))
     except cifar10.DataError as e:
         sys.exit('error: %s' % e)
     for (number, title, overrides, _), recorded in to_run(only, again, base, device, data_fingerprint,
-                                                          read_records()):
+                                                          read_records(results_path(base))):
         if recorded:
             print('# %d. %s: already recorded on %s, skipped' % (number, title, device), flush=True)
             continue
@@ -221,7 +235,8 @@ def params_path(record, results=RESULTS):
 
 
 def write_page(argv):
-    rows, done = table(read_records(), driver_defaults()[0])
+    base = driver_defaults(argv)[0]
+    rows, done = table(read_records(results_path(base)), base)
     try:
         images = pictures(done) if done else []
     except ImportError:

@@ -1,10 +1,13 @@
 """convnet.py against numpy references, the compiled graphs' ops, and both drivers end to end."""
+import contextlib
 import importlib.util
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -197,7 +200,7 @@ def test_drivers_reject_unknown_settings_and_report_missing_data(tmp_path):
     assert result.returncode != 0 and 'W1dim=(16, 5, 5)' in result.stderr
     result = run_script('cifar10_convnet.py', '--conv=fft')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
-    assert "error: convolution 'fft': use one of conv2d, im2col or auto" in result.stderr
+    assert "error: --conv='fft': needs 'auto', 'conv2d' or 'im2col'" in result.stderr
     result = run_script('cifar10_convnet.py', '--datadir=%s' % tmp_path, NO_NETWORK='1',
                         http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
@@ -228,20 +231,51 @@ def test_mnist_mlp_runs_end_to_end(tmp_path):
     assert record['test'][1] > 90                                  # the bands are easy to learn
 
 
-def test_sigterm_stops_a_run_cleanly(tmp_path):
-    import signal
+@contextlib.contextmanager
+def started(*args):
+    """A driver started with its output on a pipe; killed if the test fails before it ends."""
+    proc = subprocess.Popen([sys.executable] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+
+
+def wait_for_training(proc, seconds=300):
+    """Read the log until the epoch-1 row: training runs.  Fails (and the caller kills) after `seconds`."""
+    lines = []
+
+    def read():
+        for line in iter(proc.stdout.readline, ''):
+            lines.append(line)
+            if line.startswith('1 | '):
+                return
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(seconds)
+    assert lines and lines[-1].startswith('1 | '), 'no epoch-1 row within %d s:\n%s' % (seconds, ''.join(lines))
+    return ''.join(lines)
+
+
+@pytest.mark.parametrize('how', ['SIGTERM', 'Ctrl-C with the pipe closed'])
+def test_a_stopped_run_writes_its_record_and_parameters(tmp_path, how):
     make_cifar(str(tmp_path), rows=100)
     out = tmp_path / 'runs'
-    proc = subprocess.Popen([sys.executable, 'cifar10_convnet.py', '--W1dim=(2,5,5)', '--H2=8',
-                             '--nepoch=100000', '--ZCAwhitening=False', '--datadir=%s' % tmp_path,
-                             '--outdir=%s' % out], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for line in proc.stdout:                      # wait until training runs
-        if line.startswith('1 | '):
-            break
-    proc.send_signal(signal.SIGTERM)
-    log = proc.stdout.read()
-    assert proc.wait(timeout=120) == 130
-    assert '# interrupted at epoch' in log
+    with started('cifar10_convnet.py', '--W1dim=(2,5,5)', '--H2=8', '--nepoch=100000', '--ZCAwhitening=False',
+                 '--datadir=%s' % tmp_path, '--outdir=%s' % out) as proc:
+        assert wait_for_training(proc).endswith('s\n')
+        if how == 'SIGTERM':
+            proc.send_signal(signal.SIGTERM)
+        else:                       # as `python cifar10_convnet.py | tee log` and Ctrl-C: tee is gone
+            proc.stdout.close()
+            proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        if how == 'SIGTERM':
+            assert '# interrupted at epoch' in proc.stdout.read()
     record = json.loads((out / 'results.jsonl').read_text())
     assert record['status'] == 'interrupted' and record['epochs'][0][0] == 0
-    assert os.path.exists(out / record['params'])
+    assert np.load(out / record['params'])['00_W1'].shape == (2, 3, 5, 5)

@@ -44,7 +44,7 @@ def test_overrides_parse_literals_and_reject_unknown_names(capsys):
     assert '# override: W1dim = (64, 5, 5)' in capsys.readouterr().out
     with pytest.raises(SystemExit, match='nepoch=50'):
         runlog.apply_overrides(namespace, names, ['--epochs=3'])
-    with pytest.raises(SystemExit, match='needs a number'):
+    with pytest.raises(SystemExit, match='needs an integer'):
         runlog.apply_overrides(namespace, names, ['--nepoch=ten'])
     with pytest.raises(SystemExit, match='needs a tuple'):
         runlog.apply_overrides(namespace, names, ['--W1dim=64'])

@@ -1,0 +1,178 @@
+"""Nothing lost, nothing cryptic: bad settings refused before any work, folders made ready,
+the record and parameters saved whatever happens, damaged records skipped, the ZCA cache safe."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import cifar10
+import download
+import nnet
+import runlog
+import sweep
+from conftest import ROOT, make_cifar, small_problem
+
+
+def driver_settings(script):
+    out = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope='module')
+def settings():
+    return {script: driver_settings(script) for script in ('cifar10_convnet.py', 'mnist_mlp.py')}
+
+
+def as_defaults(saved):
+    """The drivers' settings as their globals hold them (JSON made the tuples lists)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+
+
+@pytest.mark.parametrize('arg, message', [
+    ('--nepoch=-1', 'an integer >= 0'),
+    ('--nepoch=1.0', 'an integer >= 0'),
+    ('--batchsize=0', 'a positive integer'),
+    ('--batchsize=1e2', 'a positive integer'),
+    ('--W1dim=(16,5)', 'a tuple of 3 positive integers'),
+    ('--W1dim=(0,5,5)', 'a tuple of 3 positive integers'),
+    ('--st1=(0,0)', 'None (the stride is the window) or a tuple of 2 positive integers'),
+    ('--st1=2', 'None (the stride is the window) or a tuple of 2 positive integers'),
+    ('--H2=0', 'a positive integer, or None to drop the layer'),
+    ('--H2=1.5', 'a positive integer, or None to drop the layer'),
+    ('--mu=5', 'a number from 0 up to, not including, 1'),
+    ('--mu=1', 'a number from 0 up to, not including, 1'),
+    ('--lam=-1', 'a number >= 0'),
+    ('--eta=-0.01', 'a positive number'),
+    ('--eta=nan', 'a positive number'),
+    ('--seed=-1', 'an integer from 0'),
+    ('--ZCAwhitening=1', 'True or False'),
+    ('--outdir=', 'a folder'),
+])
+@pytest.mark.parametrize('script', ['cifar10_convnet.py', 'mnist_mlp.py'])
+def test_bad_settings_are_refused_with_one_line_naming_them(settings, script, arg, message):
+    name = arg[2:].split('=')[0]
+    if name not in settings[script]:
+        pytest.skip('%s has no %s' % (script, name))
+    namespace = as_defaults(settings[script])
+    with pytest.raises(SystemExit) as stop:
+        runlog.apply_overrides(namespace, list(namespace), [arg])
+    text = str(stop.value.code)
+    assert text.startswith('error: --%s=' % name) and message in text and '\n' not in text
+
+
+@pytest.mark.parametrize('script', ['cifar10_convnet.py', 'mnist_mlp.py'])
+def test_the_published_settings_and_dropped_layers_pass(settings, script):
+    namespace = as_defaults(settings[script])
+    runlog.apply_overrides(namespace, list(namespace), ['--H2=None', '--eta=1', '--nepoch=0'])
+    assert namespace['H2'] is None and namespace['eta'] == 1.0
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--ds1=(40,40)'], "error: --ds1=(40, 40): needs a window of at most 28x28, the map that 5x5 filters leave"),
+    (['--W1dim=(16,33,5)'], 'error: --W1dim=(16, 33, 5): needs filters of at most 32x32, the image'),
+    (['--W1dim=(16,9,9)', '--ds1=(25,4)'], 'error: --ds1=(25, 4): needs a window of at most 24x24'),
+    (['--outdir=/dev/null/x'], "error: --outdir='/dev/null/x': needs a folder that can be created"),
+    (['--datadir=/etc/passwd'], "error: --datadir='/etc/passwd': needs a folder: /etc/passwd is a file"),
+])
+def test_shapes_and_folders_are_refused_before_data_are_loaded(tmp_path, args, message):
+    out = subprocess.run([sys.executable, 'cifar10_convnet.py', '--nepoch=1'] + args, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, NNET_DATADIR=str(tmp_path / 'none')))
+    assert out.returncode == 1 and 'Traceback' not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(message)
+    assert 'data:' not in out.stdout and not (tmp_path / 'none').exists()
+
+
+def test_folders_expand_home_and_variables_and_resolve_beside_the_scripts(tmp_path, monkeypatch):
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.setenv('SOMEWHERE', str(tmp_path / 'var'))
+    assert runlog.folder('datadir', '~/x') == str(tmp_path / 'x') and (tmp_path / 'x').is_dir()
+    assert runlog.folder('outdir', '$SOMEWHERE/runs') == str(tmp_path / 'var' / 'runs')
+    assert runlog.folder('outdir', 'runs') == os.path.join(ROOT, 'runs')     # whatever the current folder
+    monkeypatch.setenv('NNET_DATADIR', '~/data')
+    assert download.default_datadir() == str(tmp_path / 'data')
+    assert sweep.results_path({'outdir': 'runs'}) == os.path.join(ROOT, 'runs', 'results.jsonl')
+
+
+def trained_trainer():
+    X, y = small_problem(60)
+    data = {'L': (X[:40], y[:40]), 'V': (X[40:50], y[40:50]), 'T': (X[50:], y[50:])}
+    return nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), data, 10, 0.1, 0.9, 0.0)
+
+
+def test_an_unwritable_output_folder_at_the_end_falls_back_to_the_temporary_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runlog.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
+    blocked = tmp_path / 'file'
+    blocked.write_text('')
+    code = runlog.train_and_log(trained_trainer(), 1, 'test', {}, {}, str(blocked / 'runs'), 0, 1.0)
+    assert code == 0
+    record = json.loads((tmp_path / 'tmp' / 'results.jsonl').read_text())
+    assert (tmp_path / 'tmp' / record['params']).exists()
+    out = capsys.readouterr().out
+    assert 'could not save in %s' % (blocked / 'runs') in out and 'trying the temporary folder' in out
+    assert '# parameters: %s' % (tmp_path / 'tmp' / record['params']) in out
+
+
+def test_record_first_then_parameters_and_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    trainer = trained_trainer()
+    order = []
+    real_append, real_save = runlog.append_record, trainer.net.save
+
+    def failing_savez(path, **arrays):
+        with open(path, 'wb') as f:
+            f.write(b'partial')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(runlog, 'append_record', lambda *a: (order.append('record'), real_append(*a)))
+    monkeypatch.setattr(trainer.net, 'save', lambda *a: (order.append('params'), real_save(*a)))
+    monkeypatch.setattr(nnet.np, 'savez', failing_savez)
+    monkeypatch.setattr(runlog.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
+    assert runlog.train_and_log(trainer, 1, 'test', {}, {}, str(tmp_path / 'runs'), 0, 1.0) == 74
+    assert order == ['record', 'params', 'record', 'params']
+    assert not [f for f in os.listdir(tmp_path / 'runs') if f.endswith('.npz')]   # no .tmp.npz left
+
+
+def test_parameter_files_never_overwrite_each_other(tmp_path):
+    first = runlog.new_params_path(str(tmp_path), 'test')
+    open(first, 'w').close()
+    second = runlog.new_params_path(str(tmp_path), 'test')
+    assert second != first and str(os.getpid()) in os.path.basename(first)
+
+
+def test_a_damaged_record_line_is_skipped_and_the_next_record_starts_a_fresh_line(tmp_path, capsys):
+    path = tmp_path / 'results.jsonl'
+    path.write_text('{"script": "a"}\n{"script": "b", "cut off')
+    runlog.append_record(str(path), {'script': 'c'})
+    assert path.read_text().splitlines()[-1] == '{"script": "c"}'
+    assert [r['script'] for r in sweep.read_records(str(path))] == ['a', 'c']
+    assert 'results.jsonl, line 2 is damaged; skipped' in capsys.readouterr().err
+
+
+def test_zca_cache_writers_side_by_side_keep_one_complete_copy_and_no_temporary_folders(tmp_path):
+    path = str(tmp_path / 'cache' / 'cifar10-zca-0123')
+    os.makedirs(path + '.tmp999999999-1')                 # left by a writer that was killed
+    arrays = {n: np.full((200, 30), i, np.float32) for i, n in enumerate(('mean', 'zca', 'L', 'V', 'T'))}
+    writers = [threading.Thread(target=cifar10._save_cache, args=(path, arrays, {'key': 'k'})) for _ in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert sorted(os.listdir(tmp_path / 'cache')) == ['cifar10-zca-0123']
+    assert cifar10._load_cache(path, 'k')['V'][0, 0] == 3
+    mtime = os.path.getmtime(os.path.join(path, 'meta.json'))
+    cifar10._save_cache(path, arrays, {'key': 'k'})            # a later writer keeps the first copy
+    assert os.path.getmtime(os.path.join(path, 'meta.json')) == mtime
+
+
+def test_other_zca_caches_are_listed_with_their_size(tmp_path):
+    make_cifar(str(tmp_path))
+    lines = []
+    cifar10.load(str(tmp_path), log=lines.append)
+    cifar10.flush_cache()
+    cifar10.load(str(tmp_path), epsilon=0.01, log=lines.append)
+    cifar10.flush_cache()
+    assert lines[-1].startswith('other ZCA caches in %s' % (tmp_path / 'cache')) and ' MB)' in lines[-1]
