@@ -201,6 +201,25 @@ def keep_freed_memory():
         libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
+SET_BY_US = 'NNET_MACHINE_SET'      # {variable: [the user's value or None, ours]}, for child processes
+OURS = ('OPENBLAS_CORETYPE', 'GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT', 'THEANO_FLAGS')
+
+
+def undo_inherited(environ):
+    """A child of a set-up process (sweep.py's runs, a benchmark's sides) inherits our settings as
+    if the user had made them: give back the user's own values, where the parent's are unchanged."""
+    try:
+        inherited = json.loads(environ.pop(SET_BY_US, '{}'))
+    except ValueError:
+        return
+    for name, (users, ours) in inherited.items():
+        if environ.get(name) == ours:
+            if users is None:
+                environ.pop(name, None)
+            else:
+                environ[name] = users
+
+
 def set_up(environ=os.environ):
     """Fill in what the user has not set; returns (notes for the log, what each OpenBLAS picks alone).
 
@@ -221,6 +240,8 @@ def set_up(environ=os.environ):
       freeing and reallocating it (tens of MB a step, fresh pages from the kernel every
       time): the overlapping-pool network trained at 29 s an epoch instead of 51-55 s.
     """
+    undo_inherited(environ)
+    users = {name: environ.get(name) for name in OURS}
     user = user_flags()
     added, notes = [], []
     libraries = {'the system': linkable_openblas(user.get('blas.ldflags', '')),
@@ -256,6 +277,8 @@ def set_up(environ=os.environ):
                      'leaving the cores to the OpenMP ops)')
     if added:
         environ['THEANO_FLAGS'] = ','.join(filter(None, [environ.get('THEANO_FLAGS', '')] + added))
+    environ[SET_BY_US] = json.dumps({name: [users[name], environ.get(name)] for name in OURS
+                                     if environ.get(name) != users[name]})
     if malloc_is_ours():
         notes.append('malloc: once the data are in place, mmap off and trim at 1 GiB '
                      '(buffers freed by Theano ops are reused, not unmapped)')

@@ -130,3 +130,16 @@ def test_theano_flags_fill_in_only_what_the_user_left_unset():
     assert (ldflags, floatX, openmp, allow_gc) == ('', 'float64', False, True)  # the user's flags win
     assert timeout is None
     assert any('openmp stays off' in n for n in notes)
+
+
+def test_a_child_process_decides_again_and_keeps_what_its_caller_changed():
+    """sweep.py's runs and the benchmarks' sides inherit this process's settings: they are not the user's."""
+    code = 'import json, machine; print(json.dumps(machine.NOTES))'
+
+    def child_notes(**changes):
+        out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, **changes))
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    assert machine.SET_BY_US in os.environ
+    assert child_notes() == machine.NOTES
+    assert child_notes(OPENBLAS_CORETYPE='Prescott')[0] == 'OpenBLAS kernels: OPENBLAS_CORETYPE=Prescott, set by you'
