@@ -174,6 +174,19 @@ def choose_ldflags():
                 'pip install scipy, or apt-get install libopenblas-dev, or set blas.ldflags')
 
 
+def relocated_python():
+    """(include folder, libpython folder) when this Python runs away from where it was built for
+    (setup.sh's private copy of Debian's python3.11), else None.  Theano compiles against
+    sysconfig's INCLUDEPY and links -lpython3.11 from its LIBDIR, both absolute paths."""
+    import sysconfig
+    include, libdir = sysconfig.get_config_var('INCLUDEPY'), sysconfig.get_config_var('LIBDIR')
+    built_for = sysconfig.get_config_var('prefix') or '/usr'
+    if not include or os.path.exists(os.path.join(include, 'Python.h')) or not libdir:
+        return None
+    moved = [os.path.join(sys.base_prefix, os.path.relpath(path, built_for)) for path in (include, libdir)]
+    return tuple(moved) if os.path.exists(os.path.join(moved[0], 'Python.h')) else None
+
+
 MALLOC_SETTINGS = ('MALLOC_MMAP_MAX_', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES')
 
 
@@ -258,6 +271,12 @@ def set_up(environ=os.environ):
         ldflags, note = choose_ldflags()
         added.append('blas.ldflags=' + ldflags)
         notes.append(note)
+    relocated = relocated_python()
+    if relocated and 'gcc.cxxflags' not in user:     # a comma in a flag's value is escaped for Theano
+        include, libdir = relocated
+        added.append('gcc.cxxflags=-I%s -L%s -Wl\\,-rpath\\,%s' % (include, libdir, libdir))
+        notes.append('gcc.cxxflags: -I %s, -L and -rpath %s (this Python lives in %s, not where it '
+                     'was built to live)' % (include, libdir, sys.base_prefix))
     if 'floatX' not in user:
         added.append('floatX=float32')
     if 'allow_gc' not in user:
