@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
-# Set up this project on a Debian/Ubuntu machine:  bash setup.sh [--test] [--plot]
+# Set up this project on a Debian/Ubuntu machine:  bash setup.sh [--test] [--plot] [--gpu]
 #   - system packages Theano compiles against: g++, Python headers, OpenBLAS (apt-get, when
 #     run as root or with password-less sudo; otherwise it prints the command to run).
 #     OpenBLAS is optional: without it machine.py links the one in scipy's wheel.
 #   - .venv with requirements.txt (+ requirements-test.txt with --test, + requirements-plot.txt with --plot)
+#   - no Python 3.8-3.11 on the host: Debian 12's python3.11 in .python3.11 (see the README)
+#   - --gpu: Theano's GPU back end, Debian 12's pygpu/libgpuarray 0.7.6 (+ requirements-gpu.txt)
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")"
 
-want_test=0; want_plot=0
+want_test=0; want_plot=0; want_gpu=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
     --plot) want_plot=1 ;;
-    *) echo "usage: bash setup.sh [--test] [--plot]" >&2; exit 2 ;;
+    --gpu) want_gpu=1 ;;
+    *) echo "usage: bash setup.sh [--test] [--plot] [--gpu]" >&2; exit 2 ;;
   esac
 done
 
@@ -24,33 +27,38 @@ PY_DEBS=(python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libpython
          python3.11-dev python3.11-venv python3-pip-whl python3-setuptools-whl)
 # the libraries it and its modules load; those the host lacks are kept in .python3.11/lib
 LIB_DEBS=(libexpat1 zlib1g libffi8 libssl3 libbz2-1.0 liblzma5 libsqlite3-0 libuuid1 libreadline8 libtinfo6 libncursesw6)
+GPU_DEBS=(python3-pygpu libgpuarray3 libgpuarray-dev)
 
 debian_mirror() {   # the Debian archive this host's apt uses (sources.list or deb822 .sources)
   cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
     grep -Eo '(https?|file)://[^ ]*/debian/?( |$)' | grep -v security | head -n1 | tr -d ' '
 }
 
+bookworm_download() {   # Debian 12 .debs into .python3.11/debs, through a private apt list (no root)
+  local mirror=${DEBIAN_MIRROR:-$(debian_mirror)} keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  local apt=$PRIVATE/apt
+  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null && [ -n "$mirror" ] && [ -f "$keyring" ] || return 1
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$PRIVATE/debs"
+  echo "deb [signed-by=$keyring] $mirror bookworm main" > "$apt/sources.list"
+  local opts=(-o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
+              -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o Debug::NoLocking=1
+              -o Dir::State::status=/dev/null
+              -o APT::Architecture=amd64 -o APT::Sandbox::User="$(id -un)" -qq)
+  ls "$apt/lists" | grep -q _Packages || apt-get "${opts[@]}" update >&2
+  (cd "$PRIVATE/debs" && apt-get "${opts[@]}" download "$@" >&2)
+}
+
 private_python() {   # prints the path of the private python3.11, fetching it first if need be
   local prefix=$PRIVATE/prefix
   if [ ! -x "$prefix/usr/bin/python3.11" ]; then
-    local mirror=${DEBIAN_MIRROR:-$(debian_mirror)} keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-    if ! command -v apt-get >/dev/null || ! command -v dpkg-deb >/dev/null || [ -z "$mirror" ] || [ ! -f "$keyring" ]; then
+    echo "setup.sh: no Python 3.8-3.11 here: fetching Debian 12's python3.11 into $PRIVATE (no root needed)" >&2
+    if ! bookworm_download "${PY_DEBS[@]}" "${LIB_DEBS[@]}"; then
       echo "setup.sh: this host has no Python 3.8-3.11 (Theano 1.0.5 does not run on 3.12+), and no Debian" >&2
       echo "  archive to fetch Debian 12's python3.11 from.  Install Python 3.11 with its headers and venv" >&2
       echo "  (e.g. apt-get install python3.11-dev python3.11-venv) and run again, or set PYTHON=/path/to/python3.11;" >&2
       echo "  on a Debian-like host without Debian sources, set DEBIAN_MIRROR to a Debian archive URL." >&2
       exit 1
     fi
-    echo "setup.sh: no Python 3.8-3.11 here: fetching Debian 12's python3.11 into $PRIVATE (no root needed)" >&2
-    local apt=$PRIVATE/apt
-    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$PRIVATE/debs"
-    echo "deb [signed-by=$keyring] $mirror bookworm main" > "$apt/sources.list"
-    local opts=(-o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
-                -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o Debug::NoLocking=1
-                -o Dir::State::status=/dev/null
-                -o APT::Architecture=amd64 -o APT::Sandbox::User="$(id -un)" -qq)
-    apt-get "${opts[@]}" update >&2
-    (cd "$PRIVATE/debs" && apt-get "${opts[@]}" download "${PY_DEBS[@]}" "${LIB_DEBS[@]}" >&2)
     rm -rf "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/lib" && mkdir -p "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/lib"
     for name in "${PY_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$prefix.tmp"; done
     for name in "${LIB_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$PRIVATE/libs.tmp"; done
@@ -64,6 +72,25 @@ private_python() {   # prints the path of the private python3.11, fetching it fi
     rm -rf "$prefix" && mv "$prefix.tmp" "$prefix"
   fi
   echo "$prefix/usr/bin/python3.11"
+}
+
+gpu_stack() {   # Debian 12's pygpu/libgpuarray 0.7.6 into .venv: the package, and in .venv/gpu its library and headers
+  .venv/bin/python -c 'import machine, pygpu' 2>/dev/null && return
+  echo "setup.sh --gpu: fetching Debian 12's pygpu and libgpuarray 0.7.6 into .venv" >&2
+  if ! bookworm_download "${GPU_DEBS[@]}"; then
+    echo "setup.sh --gpu: no Debian archive to fetch python3-pygpu, libgpuarray3 and libgpuarray-dev 0.7.6 from;" >&2
+    echo "  set DEBIAN_MIRROR to a Debian archive URL, or install pygpu 0.7.x into .venv by hand." >&2
+    exit 1
+  fi
+  local site unpacked=.venv/gpu.tmp
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  rm -rf "$unpacked" .venv/gpu && mkdir -p "$unpacked" .venv/gpu/lib .venv/gpu/include
+  for name in "${GPU_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$unpacked"; done
+  rm -rf "$site"/pygpu "$site"/pygpu-*
+  cp -a "$unpacked"/usr/lib/python3/dist-packages/pygpu* "$site/"
+  cp -a "$unpacked"/usr/lib/libgpuarray.so* .venv/gpu/lib/
+  cp -a "$unpacked"/usr/include/gpuarray .venv/gpu/include/
+  rm -rf "$unpacked"
 }
 
 private_venv() {   # .venv on the private python: its interpreter is a script that finds the private libraries
@@ -119,5 +146,7 @@ fi
 reqs=(-r requirements.txt)
 [ $want_test -eq 0 ] || reqs+=(-r requirements-test.txt)
 [ $want_plot -eq 0 ] || reqs+=(-r requirements-plot.txt)
+[ $want_gpu -eq 0 ] || reqs+=(-r requirements-gpu.txt)
 .venv/bin/python -m pip install -q --disable-pip-version-check "${reqs[@]}"
+[ $want_gpu -eq 0 ] || gpu_stack
 echo "setup.sh: ready: $(.venv/bin/python -c 'import platform, machine, theano; print("Python", platform.python_version(), "| Theano", theano.__version__, "| BLAS", machine.blas_description())')"
