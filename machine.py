@@ -25,6 +25,8 @@ import shlex
 import subprocess
 import sys
 
+import gpustack
+
 # ---------------------------------------------------------------- the BLAS and its kernels
 
 SYSTEM_LIB_DIRS = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib',
@@ -187,22 +189,6 @@ def relocated_python():
     return tuple(moved) if os.path.exists(os.path.join(moved[0], 'Python.h')) else None
 
 
-def gpu_stack():
-    """setup.sh --gpu's folder (.venv/gpu: Debian's libgpuarray and its headers), or None."""
-    folder = os.path.join(sys.prefix, 'gpu')
-    return folder if glob.glob(os.path.join(folder, 'lib', 'libgpuarray.so.*')) else None
-
-
-def use_gpu_stack(folder, environ):
-    """Make setup.sh --gpu's libgpuarray findable: loaded now (pygpu's module then finds it by its
-    soname), and its headers and library on g++'s paths for the GPU ops Theano compiles."""
-    ctypes.CDLL(sorted(glob.glob(os.path.join(folder, 'lib', 'libgpuarray.so.*')))[0], mode=ctypes.RTLD_GLOBAL)
-    for variable, sub in (('CPATH', 'include'), ('LIBRARY_PATH', 'lib')):
-        path = os.path.join(folder, sub)
-        if path not in environ.get(variable, '').split(os.pathsep):
-            environ[variable] = os.pathsep.join(filter(None, [path, environ.get(variable)]))
-
-
 MALLOC_SETTINGS = ('MALLOC_MMAP_MAX_', 'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'GLIBC_TUNABLES')
 
 
@@ -293,9 +279,11 @@ def set_up(environ=os.environ):
         added.append('gcc.cxxflags=-I%s -L%s -Wl\\,-rpath\\,%s' % (include, libdir, libdir))
         notes.append('gcc.cxxflags: -I %s, -L and -rpath %s (this Python lives in %s, not where it '
                      'was built to live)' % (include, libdir, sys.base_prefix))
-    gpu = gpu_stack()
+    gpu = gpustack.folder()
+    if gpu and user.get('device', '').startswith(('cuda', 'gpu')):
+        gpustack.restart_with_cuda_libraries(gpu, environ)
     if gpu:
-        use_gpu_stack(gpu, environ)
+        gpustack.use(gpu, environ)
         notes.append('GPU back end: libgpuarray and its headers from %s' % gpu)
         if 'dnn.enabled' not in user:   # cuDNN 8 and 9 removed calls that Theano 1.0.5 makes
             added.append('dnn.enabled=False')

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import gpustack
 import machine
 from conftest import ROOT
 
@@ -143,3 +144,18 @@ def test_a_child_process_decides_again_and_keeps_what_its_caller_changed():
     assert machine.SET_BY_US in os.environ
     assert child_notes() == machine.NOTES
     assert child_notes(OPENBLAS_CORETYPE='Prescott')[0] == 'OpenBLAS kernels: OPENBLAS_CORETYPE=Prescott, set by you'
+
+
+def test_cuda_libraries_get_the_unversioned_names_libgpuarray_opens(tmp_path):
+    driver, toolkit, wheel = tmp_path / 'driver', tmp_path / 'cuda-13' / 'lib64', tmp_path / 'nvidia' / 'cu13' / 'lib'
+    for folder, files in ((driver, ['libcuda.so.1']), (toolkit, ['libnvrtc.so.12']),
+                          (wheel, ['libnvrtc.so.13', 'libcublas.so.13'])):
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_bytes(b'')
+    links = tmp_path / 'links'
+    path = gpustack.link_cuda_libraries(str(links), [str(driver), str(toolkit), str(wheel)])
+    assert path == [str(links), str(driver), str(wheel)]               # the newest NVRTC wins
+    assert os.readlink(links / 'libnvrtc.so') == str(wheel / 'libnvrtc.so.13')
+    assert os.readlink(links / 'libcuda.so') == str(driver / 'libcuda.so.1')
+    assert gpustack.link_cuda_libraries(str(links), [str(toolkit), str(wheel)]) == []   # no driver: no GPU
