@@ -67,14 +67,14 @@ def choose_coretype(flags, detected, environ, arch=None):
         return None, 'OPENBLAS_CORETYPE=%s, set by you' % environ['OPENBLAS_CORETYPE']
     level = cpu_level(flags, arch)
     if level == 0:
-        return None, 'kernels as OpenBLAS picks them (this CPU has no AVX2)'
+        return None, 'as OpenBLAS picks them (this CPU has no AVX2)'
     behind = sorted(lib for lib, core in detected.items() if KERNEL_LEVEL.get(core.lower(), 0) < level)
     if not behind:
         return None, 'as OpenBLAS picks them (%s, fit for this %s CPU)' % (
             ', '.join(sorted(set(detected.values()))) or 'none found', LEVEL_NAME[level])
-    return LEVEL_CORETYPE[level], 'OPENBLAS_CORETYPE=%s for every OpenBLAS: left alone, %s would run %s kernels on this %s CPU' % (
-        LEVEL_CORETYPE[level], ' and '.join(behind), '/'.join(sorted({detected[lib] for lib in behind})),
-        LEVEL_NAME[level])
+    why = 'OPENBLAS_CORETYPE=%s for every OpenBLAS: left alone, %s would run %s kernels on this %s CPU'
+    return LEVEL_CORETYPE[level], why % (LEVEL_CORETYPE[level], ' and '.join(behind),
+                                         '/'.join(sorted({detected[lib] for lib in behind})), LEVEL_NAME[level])
 
 
 def linkable_openblas(ldflags=''):
