@@ -16,12 +16,25 @@ class DataError(Exception):
     """A data problem the user can fix; the message says how."""
 
 
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def expand(path):
+    """~ and $VARS expanded."""
+    return os.path.expandvars(os.path.expanduser(path))
+
+
+def resolve(path):
+    """A folder setting as the scripts take it: expanded, and relative to the scripts' folder, so
+    that the drivers and sweep.py agree whatever the current folder."""
+    return os.path.join(SCRIPTS, expand(path))
+
+
 def default_datadir():
     """$NNET_DATADIR (~ and $VARS expanded), else ./data beside the scripts."""
     if os.environ.get('NNET_DATADIR'):
-        return os.path.expandvars(os.path.expanduser(os.environ['NNET_DATADIR']))
-    return os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), 'data')
+        return expand(os.environ['NNET_DATADIR'])
+    return os.path.join(SCRIPTS, 'data')
 
 
 # ---------------------------------------------------------------- download helpers

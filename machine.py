@@ -341,8 +341,9 @@ def blas_description():
     """One line: Theano's BLAS flags, then every OpenBLAS in the process with its version and kernels."""
     import theano
     flags = theano.config.blas.ldflags
-    if linkable_openblas(flags):    # loaded now rather than with the first compiled BLAS op
-        load_openblas(linkable_openblas(flags))
+    linked = linkable_openblas(flags)
+    if linked:                      # loaded now rather than with the first compiled BLAS op
+        load_openblas(linked)
     loaded = ', '.join('%s %s %s' % (library_label(path), version, core)
                        for path, (version, core) in loaded_openblas().items())
     forced = os.environ.get('OPENBLAS_CORETYPE')

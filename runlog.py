@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 
+import download
 import machine
 from nnet import TrainingDiverged
 
@@ -72,13 +73,14 @@ def _counts(n):
     return lambda v: type(v) is tuple and len(v) == n and all(_count(x) for x in v)
 
 
+_LAYER = ('a positive integer, or None to drop the layer', lambda v: v is None or _count(v))
 RULES = {  # setting: (what it takes, check)
     'W1dim': ('a tuple of 3 positive integers (filters, height, width)', _counts(3)),
     'ds1': ('a tuple of 2 positive integers (window height, width)', _counts(2)),
     'st1': ('None (the stride is the window) or a tuple of 2 positive integers', lambda v: v is None or _counts(2)(v)),
-    'H1': ('a positive integer, or None to drop the layer', lambda v: v is None or _count(v)),
-    'H2': ('a positive integer, or None to drop the layer', lambda v: v is None or _count(v)),
-    'H3': ('a positive integer, or None to drop the layer', lambda v: v is None or _count(v)),
+    'H1': _LAYER,
+    'H2': _LAYER,
+    'H3': _LAYER,
     'eta': ('a positive number', lambda v: _number(v) and v > 0),
     'mu': ('a number from 0 up to, not including, 1 (1 or more makes the steps grow without end)',
            lambda v: _number(v) and 0 <= v < 1),
@@ -108,13 +110,9 @@ def check_settings(namespace, names):
             refuse(name, namespace[name], RULES[name][0])
 
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
-
-
 def folder(name, path):
-    """A folder setting made ready: ~ and $VARS expanded, relative to the scripts' folder (so the
-    drivers and sweep.py agree whatever the current folder), created; refused if it cannot be."""
-    full = os.path.join(SCRIPTS, os.path.expandvars(os.path.expanduser(path)))
+    """A folder setting made ready: resolved (download.resolve), created; refused if it cannot be."""
+    full = download.resolve(path)
     if os.path.exists(full) and not os.path.isdir(full):
         refuse(name, path, 'a folder: %s is a file' % full)
     try:

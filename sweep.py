@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import download
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'runs', 'results.jsonl')
 PAGE = os.path.join(HERE, 'RESULTS.md')
@@ -56,7 +58,7 @@ def read_records(path=RESULTS):
 
 def results_path(base):
     """results.jsonl in the drivers' outdir, resolved as the drivers resolve it."""
-    return os.path.join(HERE, os.path.expandvars(os.path.expanduser(base['outdir'])), 'results.jsonl')
+    return os.path.join(download.resolve(base['outdir']), 'results.jsonl')
 
 
 def driver_defaults(extra=()):
@@ -109,8 +111,7 @@ def run(argv):
     base, device = driver_defaults(extra)
     import cifar10
     try:
-        datadir = base['datadir'] and os.path.join(HERE, os.path.expandvars(os.path.expanduser(base['datadir'])))
-        data_fingerprint = cifar10.fingerprint(cifar10.load_raw(datadir))
+        data_fingerprint = cifar10.fingerprint(cifar10.load_raw(base['datadir'] and download.resolve(base['datadir'])))
     except cifar10.DataError as e:
         sys.exit('error: %s' % e)
     for (number, title, overrides, _), recorded in to_run(only, again, base, device, data_fingerprint,

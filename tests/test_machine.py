@@ -18,7 +18,8 @@ AVX2_CPU = {'sse2', 'avx', 'avx2', 'fma'}
 def python(code, **environ):
     """Run code in a fresh Python in the project folder; returns its last line of output, parsed as JSON."""
     env = dict(os.environ, **environ)
-    env.pop('OPENBLAS_CORETYPE', None) if 'OPENBLAS_CORETYPE' not in environ else None
+    if 'OPENBLAS_CORETYPE' not in environ:
+        env.pop('OPENBLAS_CORETYPE', None)
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, cwd=ROOT,
                          timeout=300)
     assert out.returncode == 0, out.stderr
