@@ -27,8 +27,14 @@ sys.path.insert(0, HERE)
 import machine  # noqa: E402,F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
 import numpy as np  # noqa: E402
 
-OVERRIDES = {'default': [], '64': ['--W1dim=(64,5,5)'], '64-overlap': ['--W1dim=(64,5,5)', '--st1=(2,2)']}
 ROW = re.compile(r'^(\d+) \| .* \| ([\d.]+) s$', re.M)
+
+
+def overrides(config):
+    """The driver's --name=value settings for one of bench_train's configurations."""
+    import bench_train
+    filters, ds, st = bench_train.CONFIGS[config]
+    return ['--W1dim=(%d,5,5)' % filters, '--ds1=(%d,%d)' % ds] + (['--st1=(%d,%d)' % st] if st else [])
 
 
 def seconds_per_epoch(log, nepoch):
@@ -79,10 +85,12 @@ def twin(config, nepoch, datadir):
 def main(argv):
     opts = dict(a[2:].split('=', 1) for a in argv if a.startswith('--'))
     nepoch = int(opts.get('nepoch', 3))
+    if not 1 <= nepoch <= 5:            # the twin logs (evaluates) every epoch, as the driver does up to 5
+        sys.exit('error: --nepoch=%d: needs 1 to 5' % nepoch)
     datadir = opts.get('datadir') or None
     if 'twin' in opts:
         return twin(opts['twin'], nepoch, datadir)
-    configs = opts.get('configs', ','.join(OVERRIDES)).split(',')
+    configs = opts.get('configs', 'default,64,64-overlap').split(',')
     repeats = int(opts.get('repeats', 2))
     print('# %s' % machine.device_description())
     print('# seconds per logged epoch (training pass + evaluation of L and V), epochs 1-%d, best of %d '
@@ -94,7 +102,7 @@ def main(argv):
         for _ in range(repeats):
             for side, command in (
                     ('driver', [os.path.join(ROOT, 'cifar10_convnet.py'), '--nepoch=%d' % nepoch,
-                                '--outdir=' + outdir] + OVERRIDES[config]
+                                '--outdir=' + outdir] + overrides(config)
                      + (['--datadir=' + datadir] if datadir else [])),
                     ('twin', [os.path.abspath(__file__), '--twin=' + config, '--nepoch=%d' % nepoch]
                      + (['--datadir=' + datadir] if datadir else []))):
