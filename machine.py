@@ -3,143 +3,27 @@
 At import, before numpy or Theano has loaded a BLAS:
   - the BLAS Theano links (blas.ldflags): the system OpenBLAS, else the one scipy's wheel
     carries (no root needed), else Theano's slow numpy fallback, with a warning;
-  - the OpenBLAS kernels: a process holds up to three OpenBLAS builds (Theano's, numpy's,
-    scipy's), and an older build that does not know the CPU falls back to generic or
-    older kernels (numpy 1.23.5's OpenBLAS 0.3.20: Prescott on a 5th-generation Xeon,
-    Zen's AVX2 kernels on an AVX-512 EPYC).  Each is asked in a subprocess what it would
-    pick; if any picks less than the CPU has, OPENBLAS_CORETYPE is set for all of them;
+  - the OpenBLAS kernels: if any OpenBLAS in the process would pick less than the CPU has,
+    OPENBLAS_CORETYPE for all of them (openblas.py);
   - the other Theano flags (floatX, openmp, allow_gc) and thread settings.
 A setting the user made (THEANO_FLAGS, .theanorc, the environment) always wins.  NOTES
-holds one line per decision for the log.  The rest (describing the BLAS and the device,
-the GPU checks) imports Theano when called.
+holds one line per decision for the log.  The rest (reusing compiled modules, describing
+the BLAS and the device, the GPU checks) imports Theano when called.
 """
 import configparser
 import ctypes
-import glob
-import importlib.util
+import hashlib
 import json
 import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 
 import gpustack
+import openblas
 
 # ---------------------------------------------------------------- the BLAS and its kernels
-
-SYSTEM_LIB_DIRS = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib',
-                   '/usr/local/lib']
-AVX512 = {'avx512f', 'avx512dq', 'avx512cd', 'avx512bw', 'avx512vl'}   # what SkylakeX kernels use
-AVX2 = {'avx2', 'fma'}                                                 # what Haswell kernels use
-# OpenBLAS core names (as openblas_get_corename answers, lower-cased) by the vector width they use
-KERNEL_LEVEL = {'skylakex': 2, 'cooperlake': 2, 'sapphirerapids': 2, 'haswell': 1, 'zen': 1}
-LEVEL_CORETYPE = {2: 'SkylakeX', 1: 'Haswell'}
-LEVEL_NAME = {2: 'AVX-512', 1: 'AVX2', 0: 'generic'}
-
-
-def cpu_flags(cpuinfo='/proc/cpuinfo'):
-    """The CPU's feature flags (an empty set where /proc/cpuinfo has none, e.g. on ARM)."""
-    try:
-        with open(cpuinfo) as f:
-            m = re.search(r'^flags\s*:(.*)$', f.read(), re.M)
-    except OSError:
-        return set()
-    return set(m.group(1).split()) if m else set()
-
-
-def cpu_level(flags, arch=None):
-    """2 for AVX-512, 1 for AVX2 + FMA, 0 otherwise and on anything not x86-64."""
-    if (arch or platform.machine()).lower() not in ('x86_64', 'amd64'):
-        return 0
-    return 2 if AVX512 <= flags else 1 if AVX2 <= flags else 0
-
-
-def choose_coretype(flags, detected, environ, arch=None):
-    """The OPENBLAS_CORETYPE to set, or None, and why.
-
-    detected: {library: core name it picks when left alone}.  The user's own
-    OPENBLAS_CORETYPE wins; a non-x86 or pre-AVX2 CPU is left alone; otherwise, if any
-    library picks kernels of less than the CPU's level, all are set to the CPU's level.
-    """
-    if environ.get('OPENBLAS_CORETYPE'):
-        return None, 'OPENBLAS_CORETYPE=%s, set by you' % environ['OPENBLAS_CORETYPE']
-    level = cpu_level(flags, arch)
-    if level == 0:
-        return None, 'as OpenBLAS picks them (this CPU has no AVX2)'
-    behind = sorted(lib for lib, core in detected.items() if KERNEL_LEVEL.get(core.lower(), 0) < level)
-    if not behind:
-        return None, 'as OpenBLAS picks them (%s, fit for this %s CPU)' % (
-            ', '.join(sorted(set(detected.values()))) or 'none found', LEVEL_NAME[level])
-    why = 'OPENBLAS_CORETYPE=%s for every OpenBLAS: left alone, %s would run %s kernels on this %s CPU'
-    return LEVEL_CORETYPE[level], why % (LEVEL_CORETYPE[level], ' and '.join(behind),
-                                         '/'.join(sorted({detected[lib] for lib in behind})), LEVEL_NAME[level])
-
-
-def linkable_openblas(ldflags=''):
-    """Path of the libopenblas.so that `-lopenblas` links (the -dev package), or None.
-
-    Searched in g++'s order: the -L folders in ldflags, LIBRARY_PATH, the system folders.
-    """
-    for d in (re.findall(r'-L\s*(\S+)', ldflags) + os.environ.get('LIBRARY_PATH', '').split(os.pathsep)
-              + SYSTEM_LIB_DIRS):
-        found = glob.glob(os.path.join(d, 'libopenblas.so')) if d else []
-        if found:
-            return found[0]
-    return None
-
-
-def wheel_openblas(package):
-    """The OpenBLAS that a package's wheel carries (numpy.libs/, scipy.libs/), found without importing it."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    found = sorted(glob.glob(os.path.join(os.path.dirname(list(spec.submodule_search_locations)[0]),
-                                          package + '.libs', 'libopenblas*.so')))
-    return found[0] if found else None
-
-
-def load_openblas(path):
-    """dlopen an OpenBLAS (its wheel's own libgfortran first, which it needs but cannot find alone).
-
-    RTLD_LOCAL: loaded globally, its symbols (gotoblas, the kernel table) would take the place
-    of those of every OpenBLAS loaded after it."""
-    folder = os.path.dirname(path)
-    for dep in sorted(glob.glob(os.path.join(folder, 'libquadmath*'))) + sorted(
-            glob.glob(os.path.join(folder, 'libgfortran*'))):
-        ctypes.CDLL(dep, mode=ctypes.RTLD_GLOBAL)
-    return ctypes.CDLL(path, mode=ctypes.RTLD_LOCAL)
-
-
-def openblas_answers(lib):
-    """(version, core name) of a loaded OpenBLAS; numpy's ILP64 build suffixes its symbols 64_."""
-    for suffix in ('', '64_'):
-        get_config = getattr(lib, 'openblas_get_config' + suffix, None)
-        get_corename = getattr(lib, 'openblas_get_corename' + suffix, None)
-        if get_config and get_corename:
-            get_config.restype = get_corename.restype = ctypes.c_char_p
-            config = get_config().decode().split()
-            return (config[1] if len(config) > 1 else '?'), get_corename().decode()
-    return '?', '?'
-
-
-def probe_openblas(libraries):
-    """{name: (version, core)} each OpenBLAS picks on its own, asked in a subprocess (a loaded
-    library keeps its kernels, so this process must not load them before deciding)."""
-    if not libraries:
-        return {}
-    env = dict(os.environ, OPENBLAS_NUM_THREADS='1', MACHINE_PROBE='1')   # the probe skips set_up
-    env.pop('OPENBLAS_CORETYPE', None)
-    code = ('import json, sys, machine; print(json.dumps({name: machine.openblas_answers('
-            'machine.load_openblas(path)) for name, path in json.loads(sys.argv[1]).items()}))')
-    try:
-        out = subprocess.run([sys.executable, '-c', code, json.dumps(libraries)], env=env, timeout=60,
-                             capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-        return {name: tuple(answer) for name, answer in json.loads(out.stdout).items()}
-    except (OSError, ValueError, subprocess.SubprocessError):
-        return {}
-
 
 # ---------------------------------------------------------------- Theano's flags, threads, malloc
 
@@ -163,12 +47,12 @@ def user_flags():
 
 def choose_ldflags():
     """(blas.ldflags, note): the system OpenBLAS, else scipy's wheel's, else the numpy fallback."""
-    system = linkable_openblas()
+    system = openblas.linkable()
     if system:
         return '-lopenblas', 'blas.ldflags=-lopenblas (%s, chosen automatically)' % system
-    wheel = wheel_openblas('scipy')
+    wheel = openblas.in_wheel('scipy')
     if wheel:
-        load_openblas(wheel)     # so that Theano's compiled modules find it by its soname
+        openblas.load(wheel)     # so that Theano's compiled modules find it by its soname
         name = os.path.basename(wheel)[3:-3]
         return ('-L%s -l%s' % (os.path.dirname(wheel), name),
                 "blas.ldflags: scipy's OpenBLAS (%s; no system libopenblas-dev)" % wheel)
@@ -259,11 +143,11 @@ def set_up(environ=os.environ):
     users = {name: environ.get(name) for name in OURS}
     user = user_flags()
     added, notes = [], []
-    libraries = {'the system': linkable_openblas(user.get('blas.ldflags', '')),
-                 "numpy's": wheel_openblas('numpy'), "scipy's": wheel_openblas('scipy')}
-    alone = {} if environ.get('OPENBLAS_CORETYPE') else probe_openblas(
+    libraries = {'the system': openblas.linkable(user.get('blas.ldflags', '')),
+                 "numpy's": openblas.in_wheel('numpy'), "scipy's": openblas.in_wheel('scipy')}
+    alone = {} if environ.get('OPENBLAS_CORETYPE') else openblas.probe(
         {name: path for name, path in libraries.items() if path})
-    coretype, why = choose_coretype(cpu_flags(), {name: core for name, (_, core) in alone.items()}, environ)
+    coretype, why = openblas.choose_coretype(openblas.cpu_flags(), {name: core for name, (_, core) in alone.items()}, environ)
     if coretype:
         environ['OPENBLAS_CORETYPE'] = coretype     # read by each OpenBLAS as it loads
     notes.append('OpenBLAS kernels: ' + why)
@@ -317,38 +201,50 @@ def set_up(environ=os.environ):
 NOTES, OPENBLAS_ALONE = ([], {}) if os.environ.get('MACHINE_PROBE') else set_up()
 
 
+# ---------------------------------------------------------------- Theano's compile cache
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def _stable_cop_version(self):
+    """COp.c_code_cache_version with a digest of the C source in place of Python's hash()."""
+    digest = hashlib.sha256('\0'.join(self.func_codes).encode()).hexdigest()
+    version = (int(digest[:15], 16),)
+    if hasattr(self, 'params_type'):
+        version += (self.params_type.c_code_cache_version(),)
+    return version
+
+
+def reuse_compiled_modules():
+    """Let later processes reuse the C modules that Theano 1.0.5 keys so that none ever does.
+
+    A compiled module's cache key carries version parts, and an empty one marks the module
+    unversioned: g++ builds it again in every process.  Two such parts are bugs, not ops
+    without a version: (1) each op's __props__, the names of its properties, is a part, and
+    it is empty for ops without properties (Dot22, Dot22Scalar, ScalarFromTensor, the fused
+    softmax/cross-entropy ops); (2) a COp's version is Python's hash() of its C source
+    (DimShuffle), different in every process since Python 3.3 (aesara-devs/aesara#1097).
+    Measured: 2-3 s of g++ on every start of the default run.  Ops without properties get
+    one name, __class__, which only the cache key reads (Theano fixes equality and hashing
+    when it makes the class); COps get a digest of their source.  Called once Theano is imported.
+    """
+    import theano
+    import theano.tensor.nnet      # noqa: F401  (the softmax ops, before the walk)
+    for op_class in _all_subclasses(theano.gof.Op):
+        if op_class.__dict__.get('__props__') == ():
+            op_class.__props__ = ('__class__',)
+    theano.gof.COp.c_code_cache_version = _stable_cop_version
+
+
 # ---------------------------------------------------------------- describing what runs
-
-def loaded_openblas():
-    """{path: (version, core)} of every OpenBLAS this process has loaded, as they answer now."""
-    try:
-        with open('/proc/self/maps') as f:
-            paths = sorted(set(re.findall(r'(/\S*libopenblas[^/\s]*\.so[^/\s]*)$', f.read(), re.M)))
-    except OSError:
-        return {}
-    return {path: openblas_answers(ctypes.CDLL(path)) for path in paths}
-
-
-def library_label(path):
-    """Whose OpenBLAS a path is: numpy's, scipy's (their wheels' copies) or the system's."""
-    for package in ('numpy', 'scipy'):
-        if '/%s.libs/' % package in path:
-            return package + "'s"
-    return 'system'
-
 
 def blas_description():
     """One line: Theano's BLAS flags, then every OpenBLAS in the process with its version and kernels."""
     import theano
-    flags = theano.config.blas.ldflags
-    linked = linkable_openblas(flags)
-    if linked:                      # loaded now rather than with the first compiled BLAS op
-        load_openblas(linked)
-    loaded = ', '.join('%s %s %s' % (library_label(path), version, core)
-                       for path, (version, core) in loaded_openblas().items())
-    forced = os.environ.get('OPENBLAS_CORETYPE')
-    return "%s; OpenBLAS kernels: %s%s" % (flags or "numpy C-API fallback (blas.ldflags='')", loaded or 'none loaded',
-                                          ' (OPENBLAS_CORETYPE=%s)' % forced if forced else '')
+    return openblas.describe(theano.config.blas.ldflags)
 
 
 def floatX():

@@ -9,6 +9,7 @@ import pytest
 
 import gpustack
 import machine
+import openblas
 from conftest import ROOT
 
 AVX512_CPU = {'sse2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512dq', 'avx512cd', 'avx512bw', 'avx512vl'}
@@ -44,13 +45,13 @@ def python(code, **environ):
     (AVX512_CPU, {"numpy's": 'NEOVERSEN1'}, {}, 'aarch64', None),
 ])
 def test_kernel_choice(flags, detected, environ, arch, expected):
-    coretype, why = machine.choose_coretype(flags, detected, environ, arch)
+    coretype, why = openblas.choose_coretype(flags, detected, environ, arch)
     assert coretype == expected
     if expected:                        # the log names the libraries that fell behind, and only those
-        level = machine.cpu_level(flags, arch)
+        level = openblas.cpu_level(flags, arch)
         assert expected in why
         for lib, core in detected.items():
-            assert (lib in why) == (machine.KERNEL_LEVEL.get(core.lower(), 0) < level)
+            assert (lib in why) == (openblas.KERNEL_LEVEL.get(core.lower(), 0) < level)
     elif environ:
         assert 'set by you' in why
 
@@ -58,34 +59,34 @@ def test_kernel_choice(flags, detected, environ, arch, expected):
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     cpuinfo = tmp_path / 'cpuinfo'
     cpuinfo.write_text('processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\nbugs\t\t: none\n')
-    assert machine.cpu_flags(str(cpuinfo)) == {'fpu', 'sse2', 'avx2', 'fma', 'avx512f'}
-    assert machine.cpu_flags(str(tmp_path / 'none')) == set()
+    assert openblas.cpu_flags(str(cpuinfo)) == {'fpu', 'sse2', 'avx2', 'fma', 'avx512f'}
+    assert openblas.cpu_flags(str(tmp_path / 'none')) == set()
 
 
 def numpy_kernels_code(also=''):
-    return ('import json, machine%s, numpy; numpy.dot(numpy.ones((64, 64)), numpy.ones((64, 64))); '
-            'print(json.dumps({machine.library_label(p): core for p, (v, core) in machine.loaded_openblas().items()}))'
+    return ('import json, machine%s, openblas, numpy; numpy.dot(numpy.ones((64, 64)), numpy.ones((64, 64))); '
+            'print(json.dumps({openblas.library_label(p): core for p, (v, core) in openblas.loaded().items()}))'
             % also)
 
 
-@pytest.mark.skipif(machine.wheel_openblas('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
+@pytest.mark.skipif(openblas.in_wheel('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
 def test_numpy_runs_the_chosen_kernels_and_the_probe_tells_the_truth():
-    alone = python('import json, numpy; import machine; print(json.dumps(machine.loaded_openblas() and '
-                   '{machine.library_label(p): core for p, (v, core) in machine.loaded_openblas().items()}))',
+    alone = python('import json, numpy; import machine, openblas; print(json.dumps(openblas.loaded() and '
+                   '{openblas.library_label(p): core for p, (v, core) in openblas.loaded().items()}))',
                    MACHINE_PROBE='1')                  # numpy loaded before any choice is made
     assert machine.OPENBLAS_ALONE.get("numpy's", (None, alone["numpy's"]))[1] == alone["numpy's"]
     chosen = python(numpy_kernels_code())
-    level = machine.cpu_level(machine.cpu_flags())
-    assert machine.KERNEL_LEVEL.get(chosen["numpy's"].lower(), 0) >= level
+    level = openblas.cpu_level(openblas.cpu_flags())
+    assert openblas.KERNEL_LEVEL.get(chosen["numpy's"].lower(), 0) >= level
     if os.environ.get('OPENBLAS_CORETYPE') is None and machine.NOTES[0].startswith('OpenBLAS kernels: OPENBLAS'):
-        assert chosen["numpy's"] == machine.LEVEL_CORETYPE[level]
+        assert chosen["numpy's"] == openblas.LEVEL_CORETYPE[level]
     assert python(numpy_kernels_code(), OPENBLAS_CORETYPE='Prescott')["numpy's"] == 'Prescott'   # the user's
 
 
-@pytest.mark.skipif(machine.wheel_openblas('scipy') is None, reason="scipy's wheel carries no OpenBLAS here")
+@pytest.mark.skipif(openblas.in_wheel('scipy') is None, reason="scipy's wheel carries no OpenBLAS here")
 def test_without_a_system_openblas_theano_links_scipys_and_computes_right():
-    code = ('import os, json; os.environ["MACHINE_PROBE"] = "1"; import machine; del os.environ["MACHINE_PROBE"]; '
-            'machine.SYSTEM_LIB_DIRS[:] = []; notes, _ = machine.set_up(); '
+    code = ('import os, json; os.environ["MACHINE_PROBE"] = "1"; import machine, openblas; del os.environ["MACHINE_PROBE"]; '
+            'openblas.SYSTEM_LIB_DIRS[:] = []; notes, _ = machine.set_up(); '
             'import numpy as np, theano, theano.tensor as T; a, b = T.matrices("a", "b"); '
             'f = theano.function([a, b], T.dot(a, b)); x = np.random.RandomState(0).rand(300, 200).astype("float32"); '
             'ops = [type(n.op).__name__ for n in f.maker.fgraph.toposort()]; '
@@ -102,8 +103,8 @@ def test_linkable_openblas_is_searched_in_the_linkers_order(tmp_path, monkeypatc
         d.mkdir()
         (d / 'libopenblas.so').write_bytes(b'')
     monkeypatch.setenv('LIBRARY_PATH', str(second))
-    assert machine.linkable_openblas() == str(second / 'libopenblas.so')         # before the system's
-    assert machine.linkable_openblas('-L%s -lopenblas' % first) == str(first / 'libopenblas.so')
+    assert openblas.linkable() == str(second / 'libopenblas.so')         # before the system's
+    assert openblas.linkable('-L%s -lopenblas' % first) == str(first / 'libopenblas.so')
 
 
 def test_theano_flags_fill_in_only_what_the_user_left_unset():
@@ -120,7 +121,7 @@ def test_theano_flags_fill_in_only_what_the_user_left_unset():
                              cwd=ROOT, timeout=300)
         return json.loads(out.stdout.strip().splitlines()[-1])
     ldflags, floatX, openmp, allow_gc, timeout, notes = config('')
-    assert ldflags == ('-lopenblas' if machine.linkable_openblas() else machine.choose_ldflags()[0])
+    assert ldflags == ('-lopenblas' if openblas.linkable() else machine.choose_ldflags()[0])
     assert floatX == 'float32' and openmp == bool(ldflags) and notes and allow_gc is False
     assert timeout == ('4' if openmp else None)
     if openmp:
@@ -160,3 +161,17 @@ def test_cuda_libraries_get_the_unversioned_names_libgpuarray_opens(tmp_path):
     assert os.readlink(links / 'libnvrtc.so') == str(wheel / 'libnvrtc.so.13')
     assert os.readlink(links / 'libcuda.so') == str(driver / 'libcuda.so.1')
     assert gpustack.link_cuda_libraries(str(links), [str(toolkit), str(wheel)]) == []   # no driver: no GPU
+
+
+def test_a_second_process_compiles_no_c_code_for_the_same_network():
+    """Theano 1.0.5 keyed five of the CNN's modules so that every process built them again with
+    g++ (2-3 s of each start); machine.reuse_compiled_modules lets later processes load them."""
+    code = ('import json, numpy as np, machine, convnet, nnet; from theano.gof import cmodule; built = []; '
+            'compile_str = cmodule.GCC_compiler.compile_str; '
+            'cmodule.GCC_compiler.compile_str = staticmethod(lambda *a, **k: built.append(1) or '
+            'compile_str(*a, **k)); rng = np.random.RandomState(0); '
+            'data = {s: (rng.rand(8, 75).astype("float32"), np.arange(8) % 3) for s in "LV"}; '
+            'net = convnet.CNN(rng, (3, 5, 5), [(2, (3, 3), (2, 2), None)], [4], 3); '
+            'nnet.Trainer(net, data, 4, 0.1, 0.9, 1e-4, input_shape=(3, 5, 5)); print(json.dumps(built))')
+    python(code)                                  # fills the cache where this network is new
+    assert python(code) == []
