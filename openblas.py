@@ -151,8 +151,8 @@ def describe(flags):
     linked = linkable(flags)
     if linked:                      # loaded now rather than with the first compiled BLAS op
         load(linked)
-    loaded = ', '.join('%s %s %s' % (library_label(path), version, core)
-                       for path, (version, core) in loaded().items())
+    kernels = ', '.join('%s %s %s' % (library_label(path), version, core)
+                        for path, (version, core) in loaded().items())
     forced = os.environ.get('OPENBLAS_CORETYPE')
-    return "%s; OpenBLAS kernels: %s%s" % (flags or "numpy C-API fallback (blas.ldflags='')", loaded or 'none loaded',
+    return "%s; OpenBLAS kernels: %s%s" % (flags or "numpy C-API fallback (blas.ldflags='')", kernels or 'none loaded',
                                           ' (OPENBLAS_CORETYPE=%s)' % forced if forced else '')

@@ -175,3 +175,11 @@ def test_a_second_process_compiles_no_c_code_for_the_same_network():
             'nnet.Trainer(net, data, 4, 0.1, 0.9, 1e-4, input_shape=(3, 5, 5)); print(json.dumps(built))')
     python(code)                                  # fills the cache where this network is new
     assert python(code) == []
+
+
+@pytest.mark.skipif(openblas.in_wheel('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
+def test_the_log_line_names_each_loaded_openblas_with_its_kernels():
+    line, chosen = python('import json, machine, openblas, numpy; numpy.ones(3).dot(numpy.ones(3)); '
+                          'print(json.dumps([machine.blas_description(), {openblas.library_label(p): core '
+                          'for p, (v, core) in openblas.loaded().items()}]))')
+    assert "numpy's" in chosen and "numpy's 0.3.20 %s" % chosen["numpy's"] in line
