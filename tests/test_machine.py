@@ -180,6 +180,6 @@ def test_a_second_process_compiles_no_c_code_for_the_same_network():
 @pytest.mark.skipif(openblas.in_wheel('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
 def test_the_log_line_names_each_loaded_openblas_with_its_kernels():
     line, chosen = python('import json, machine, openblas, numpy; numpy.ones(3).dot(numpy.ones(3)); '
-                          'print(json.dumps([machine.blas_description(), {openblas.library_label(p): core '
+                          'print(json.dumps([machine.blas_description(), {openblas.library_label(p): v + " " + core '
                           'for p, (v, core) in openblas.loaded().items()}]))')
-    assert "numpy's" in chosen and "numpy's 0.3.20 %s" % chosen["numpy's"] in line
+    assert "numpy's" in chosen and "numpy's %s" % chosen["numpy's"] in line
