@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # Set up this project on a Debian/Ubuntu machine:  bash setup.sh [--test] [--plot] [--gpu]
+#                                                   bash setup.sh --pack | --gpu --from=FILE
 #   - system packages Theano compiles against: g++, Python headers, OpenBLAS (apt-get, when
 #     run as root or with password-less sudo; otherwise it prints the command to run).
 #     OpenBLAS is optional: without it machine.py links the one in scipy's wheel.
 #   - .venv with requirements.txt (+ requirements-test.txt with --test, + requirements-plot.txt with --plot)
 #   - no Python 3.8-3.11 on the host: Debian 12's python3.11 in .python3.11 (see the README)
 #   - --gpu: Theano's GPU back end, Debian 12's pygpu/libgpuarray 0.7.6 (+ requirements-gpu.txt)
+#   - --pack: for a GPU machine without network: .gpu-carry/venv-gpu.tar.xz, the --gpu --test
+#     set-up on Debian 12's python3.11, made in a scratch copy (this .venv is left alone);
+#     there, `bash setup.sh --gpu --from=.gpu-carry/venv-gpu.tar.xz` unpacks and moves it in
 # Safe to run again: it only adds what is missing.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")"
 
-want_test=0; want_plot=0; want_gpu=0
+want_test=0; want_plot=0; want_gpu=0; want_pack=0; from=""
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
     --plot) want_plot=1 ;;
     --gpu) want_gpu=1 ;;
-    *) echo "usage: bash setup.sh [--test] [--plot] [--gpu]" >&2; exit 2 ;;
+    --pack) want_pack=1 ;;
+    --from=?*) from=$(realpath "${arg#--from=}") ;;
+    *) echo "usage: bash setup.sh [--test] [--plot] [--gpu] | --pack | --gpu --from=FILE" >&2; exit 2 ;;
   esac
 done
 
@@ -48,6 +54,14 @@ bookworm_download() {   # Debian 12 .debs into .python3.11/debs, through a priva
   (cd "$PRIVATE/debs" && apt-get "${opts[@]}" download "$@" >&2)
 }
 
+keep_missing_libs() {   # of Debian 12's libraries in .python3.11/libs-all, those this host lacks into .python3.11/lib
+  rm -rf "$PRIVATE/lib" && mkdir -p "$PRIVATE/lib"    # the host's own copies stay in charge of the rest
+  for lib in "$PRIVATE"/libs-all/*.so.*; do
+    ! /sbin/ldconfig -p | grep -q "^[[:space:]]$(basename "$lib") " && cp -a "$lib" "$PRIVATE/lib/"
+  done
+  return 0
+}
+
 private_python() {   # prints the path of the private python3.11, fetching it first if need be
   local prefix=$PRIVATE/prefix
   if [ ! -x "$prefix/usr/bin/python3.11" ]; then
@@ -59,14 +73,12 @@ private_python() {   # prints the path of the private python3.11, fetching it fi
       echo "  on a Debian-like host without Debian sources, set DEBIAN_MIRROR to a Debian archive URL." >&2
       exit 1
     fi
-    rm -rf "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/lib" && mkdir -p "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/lib"
+    rm -rf "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/libs-all" && mkdir -p "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/libs-all"
     for name in "${PY_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$prefix.tmp"; done
     for name in "${LIB_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$PRIVATE/libs.tmp"; done
-    # only what the host lacks: the host's own copies stay in charge of everything else
-    for lib in "$PRIVATE"/libs.tmp/{usr/,}lib/x86_64-linux-gnu/*.so.*; do
-      [ -e "$lib" ] && ! /sbin/ldconfig -p | grep -q "^[[:space:]]$(basename "$lib") " && cp -a "$lib" "$PRIVATE/lib/"
-    done
+    cp -a "$PRIVATE"/libs.tmp/{usr/,}lib/x86_64-linux-gnu/*.so.* "$PRIVATE/libs-all/"
     rm -rf "$PRIVATE/libs.tmp"
+    keep_missing_libs
     # Debian's pyconfig.h only points at the multiarch copy; Theano compiles with -I.../python3.11
     cp "$prefix.tmp/usr/include/x86_64-linux-gnu/python3.11/pyconfig.h" "$prefix.tmp/usr/include/python3.11/pyconfig.h"
     rm -rf "$prefix" && mv "$prefix.tmp" "$prefix"
@@ -93,19 +105,57 @@ gpu_stack() {   # Debian 12's pygpu/libgpuarray 0.7.6 into .venv: the package, a
   rm -rf "$unpacked"
 }
 
-private_venv() {   # .venv on the private python: its interpreter is a script that finds the private libraries
-  LD_LIBRARY_PATH=$PRIVATE/lib "$PY" -m venv --without-pip .venv
-  rm .venv/bin/python3.11
+python_wrapper() {   # .venv/bin/python3.11: a script that runs the private python with the private libraries
+  rm -f .venv/bin/python3.11
   printf '#!/bin/bash\n# setup.sh: Debian 12 python3.11, with the libraries this host lacks\nLD_LIBRARY_PATH="%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec -a "$0" "%s" "$@"\n' \
-    "$PRIVATE/lib" "$PY" > .venv/bin/python3.11
+    "$PRIVATE/lib" "$PRIVATE/prefix/usr/bin/python3.11" > .venv/bin/python3.11
   chmod +x .venv/bin/python3.11
+}
+
+private_venv() {   # .venv on the private python
+  LD_LIBRARY_PATH=$PRIVATE/lib "$PY" -m venv --without-pip .venv
+  python_wrapper
   # Debian's ensurepip looks for its wheels in /usr/share/python-wheels: bring pip in from ours
   local wheels=("$PRIVATE"/prefix/usr/share/python-wheels/*.whl)
   .venv/bin/python "$(ls "$PRIVATE"/prefix/usr/share/python-wheels/pip-*.whl)/pip" install -q --no-index "${wheels[@]}"
 }
 
+pack() {   # --pack: .gpu-carry/venv-gpu.tar.xz (see the top); the downloads already made here are reused
+  local build here=$PWD
+  build=$(mktemp -d)
+  git ls-files -z | xargs -0 cp --parents -t "$build"
+  mkdir -p "$build/.python3.11" && cp -a "$PRIVATE/debs" "$PRIVATE/apt" "$build/.python3.11/" 2>/dev/null || true
+  (cd "$build" && SETUP_PRIVATE_PYTHON=1 bash setup.sh --gpu --test)
+  # what no run needs: compiled bytecode, numpy's and scipy's own tests, the static libpython
+  (cd "$build" && find .venv .python3.11/prefix -name __pycache__ -prune -exec rm -rf {} + &&
+   find .venv/lib/python3.11/site-packages/numpy .venv/lib/python3.11/site-packages/scipy -type d -name tests \
+     -prune -exec rm -rf {} + && find .python3.11/prefix -name 'libpython3.11*.a' -delete &&
+   mkdir -p "$here/.gpu-carry" && XZ_OPT='-6 -T0' tar -cJf "$here/.gpu-carry/venv-gpu.tar.xz.part" \
+     .venv .python3.11/prefix .python3.11/libs-all)
+  mv "$here/.gpu-carry/venv-gpu.tar.xz.part" "$here/.gpu-carry/venv-gpu.tar.xz"
+  rm -rf "$build"
+  echo "setup.sh --pack: $(du -h .gpu-carry/venv-gpu.tar.xz | cut -f1) .gpu-carry/venv-gpu.tar.xz; there: bash setup.sh --gpu --from=.gpu-carry/venv-gpu.tar.xz"
+}
+
+unpack() {   # --from=FILE: the .venv and Python that `setup.sh --pack` made, moved into this folder
+  echo "setup.sh: unpacking $from (made by setup.sh --pack)" >&2
+  rm -rf .venv "$PRIVATE/prefix" "$PRIVATE/libs-all" && mkdir -p "$PRIVATE"
+  if command -v xz >/dev/null; then xz -dc "$from"
+  elif command -v python3 >/dev/null; then python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$from"
+  else echo "setup.sh: nothing here unpacks .xz: install xz-utils" >&2; exit 1
+  fi | tar -x
+  keep_missing_libs
+  python_wrapper
+  sed -i "s|^home = .*|home = $PRIVATE/prefix/usr/bin|" .venv/pyvenv.cfg
+}
+
+[ $want_pack -eq 0 ] || { pack; exit 0; }
+[ -z "$from" ] || { [ $want_gpu -eq 1 ] && [ -f "$from" ] || { echo "setup.sh: --from=FILE goes with --gpu, FILE from setup.sh --pack" >&2; exit 2; }; unpack; }
+
 PY=""
-for candidate in "${PYTHON:-}" python3.11 python3 "$PRIVATE/prefix/usr/bin/python3.11"; do
+candidates=("${PYTHON:-}" python3.11 python3)    # the host's own Python 3.11 if it has one
+[ -z "${SETUP_PRIVATE_PYTHON:-}$from" ] || candidates=()
+for candidate in "${candidates[@]}" "$PRIVATE/prefix/usr/bin/python3.11"; do
   if [ -n "$candidate" ] && command -v "$candidate" >/dev/null && LD_LIBRARY_PATH=$PRIVATE/lib \
      "$candidate" -c 'import sys; sys.exit(not (3, 8) <= sys.version_info[:2] <= (3, 11))' 2>/dev/null; then
     PY="$candidate"; break
@@ -126,7 +176,7 @@ command -v g++ >/dev/null || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
-  if command -v apt-get >/dev/null && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
+  if [ -z "$from" ] && command -v apt-get >/dev/null && { [ -z "$SUDO" ] || sudo -n true 2>/dev/null; }; then
     echo "setup.sh: installing ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

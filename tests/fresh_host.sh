@@ -3,6 +3,7 @@
 # default test run: it takes minutes and needs root, debootstrap and Debian's package pool).
 #
 #   bash tests/fresh_host.sh [ROOTFS]
+#   bash tests/fresh_host.sh --carried [ROOTFS]
 #
 # Makes a minimal Debian 13 (trixie) root with debootstrap in ROOTFS (default /srv/trixie;
 # an existing one is reused), copies this clone's tracked files and a local copy of
@@ -10,8 +11,14 @@
 #   bash setup.sh && .venv/bin/python cifar10_convnet.py --nepoch=1
 #   bash setup.sh --test && .venv/bin/python -m pytest -q
 # Debian 13 has Python 3.13 and no 3.11, so setup.sh has to bring its own.
+# --carried: instead, what the GPU machine does with .gpu-carry/venv-gpu.tar.xz (`bash setup.sh
+# --pack`): with no network at all (a network namespace of its own) and at another path than
+# the one it was packed at, `bash setup.sh --gpu --from=...`, then a CPU run of the driver, and
+# device=cuda refused at once (no GPU here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+carried=0
+[ "${1:-}" != --carried ] || { carried=1; shift; }
 ROOTFS=${1:-/srv/trixie}
 DATA=${CIFAR10_REAL_DATADIR:-data}
 [ -d "$DATA/cifar-10-batches-py" ] || { echo "fresh_host.sh: no CIFAR-10 at $DATA/cifar-10-batches-py" >&2; exit 1; }
@@ -25,6 +32,8 @@ if [ ! -x "$ROOTFS/bin/bash" ]; then
 fi
 
 repo=$ROOTFS/home/user/project
+[ $carried -eq 0 ] || { [ -f .gpu-carry/venv-gpu.tar.xz ] || { echo "fresh_host.sh: run bash setup.sh --pack first" >&2; exit 1; }
+                        repo=$ROOTFS/home/user/carried; }
 rm -rf "$repo" && mkdir -p "$repo/data"
 git ls-files -z | (cd . && xargs -0 cp --parents -t "$repo")
 cp -r "$DATA/cifar-10-batches-py" "$repo/data/"
@@ -37,6 +46,17 @@ for fs in proc sys dev; do mount --bind "/$fs" "$ROOTFS/$fs"; done
 trap 'for fs in dev sys proc; do umount -l "$ROOTFS/$fs"; done' EXIT
 
 echo "== $(. "$ROOTFS/etc/os-release"; echo "$PRETTY_NAME"); python3: $(chroot "$ROOTFS" sh -c 'command -v python3 || echo none')"
+if [ $carried -eq 1 ]; then
+  mkdir -p "$repo/.gpu-carry" && cp .gpu-carry/venv-gpu.tar.xz "$repo/.gpu-carry/"
+  chroot "$ROOTFS" sh -c 'command -v xz >/dev/null || command -v python3 >/dev/null' ||  # minbase has neither
+    chroot "$ROOTFS" sh -c 'apt-get install -y -qq xz-utils >/dev/null'
+  unshare --net chroot "$ROOTFS" /bin/bash -lc 'cd /home/user/carried &&
+    time bash setup.sh --gpu --from=.gpu-carry/venv-gpu.tar.xz &&
+    .venv/bin/python -c "import machine, pygpu; print(\"pygpu\", pygpu.__version__)" &&
+    time .venv/bin/python cifar10_convnet.py --nepoch=1 &&
+    { THEANO_FLAGS=device=cuda .venv/bin/python cifar10_convnet.py; echo "device=cuda: exit $?"; }'
+  exit
+fi
 chroot "$ROOTFS" /bin/bash -lc 'cd /home/user/project &&
   time (bash setup.sh && .venv/bin/python cifar10_convnet.py --nepoch=1) &&
   time (bash setup.sh --test && .venv/bin/python -m pytest -q)'
