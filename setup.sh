@@ -130,7 +130,7 @@ pack() {   # --pack: .gpu-carry/venv-gpu.tar.xz (see the top); the downloads alr
   (cd "$build" && find .venv .python3.11/prefix -name __pycache__ -prune -exec rm -rf {} + &&
    find .venv/lib/python3.11/site-packages/numpy .venv/lib/python3.11/site-packages/scipy -type d -name tests \
      -prune -exec rm -rf {} + && find .python3.11/prefix -name 'libpython3.11*.a' -delete &&
-   mkdir -p "$here/.gpu-carry" && XZ_OPT='-6 -T0' tar -cJf "$here/.gpu-carry/venv-gpu.tar.xz.part" \
+   mkdir -p "$here/.gpu-carry" && XZ_OPT='-9e -T0' tar -cJf "$here/.gpu-carry/venv-gpu.tar.xz.part" \
      .venv .python3.11/prefix .python3.11/libs-all)
   mv "$here/.gpu-carry/venv-gpu.tar.xz.part" "$here/.gpu-carry/venv-gpu.tar.xz"
   rm -rf "$build"

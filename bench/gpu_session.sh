@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements on the device machine (H100/H200), in one call: logs under $OUT.
 #
-# Prepare here (.gpu-carry/ is ignored by git and travels with `carry`, about 63 MB):
+# Prepare here (.gpu-carry/ is ignored by git and travels with `carry`, about 62 MB):
 #   bash bench/gpu_session.sh prepare     # bash setup.sh --pack, the CIFAR-10 JPEGs and their rebuild tool
 # Run there (with the device call's timeout about DEADLINE + 60 s: data, set-up, caches); the
 # set-up is the user's own, offline: bash setup.sh --gpu --from=.gpu-carry/venv-gpu.tar.xz
@@ -24,7 +24,7 @@
 # The compile caches (Theano's modules, libgpuarray's kernels) come back as
 # $OUT/compile-cache.tgz.part-*: put those files in .gpu-carry/ and the next call on the
 # same kind of machine starts warm (a fresh machine otherwise compiles for minutes), if they
-# fit: the carried set-up and data take 61 MiB of the call's 64 (the CPU default run's
+# fit: the carried set-up and data take 60 MiB of the call's 64 (the CPU default run's
 # cache alone came to 2.6 MB, tried here without a GPU).
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
