@@ -198,7 +198,8 @@ def set_up(environ=os.environ):
     return notes, alone
 
 
-NOTES, OPENBLAS_ALONE = ([], {}) if os.environ.get('MACHINE_PROBE') else set_up()
+# MACHINE_SKIP_SETUP=1: import without deciding anything (tests that load numpy first, or call set_up)
+NOTES, OPENBLAS_ALONE = ([], {}) if os.environ.get('MACHINE_SKIP_SETUP') else set_up()
 
 
 # ---------------------------------------------------------------- Theano's compile cache

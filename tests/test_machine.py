@@ -73,7 +73,7 @@ def numpy_kernels_code(also=''):
 def test_numpy_runs_the_chosen_kernels_and_the_probe_tells_the_truth():
     alone = python('import json, numpy; import machine, openblas; print(json.dumps(openblas.loaded() and '
                    '{openblas.library_label(p): core for p, (v, core) in openblas.loaded().items()}))',
-                   MACHINE_PROBE='1')                  # numpy loaded before any choice is made
+                   MACHINE_SKIP_SETUP='1')                  # numpy loaded before any choice is made
     assert machine.OPENBLAS_ALONE.get("numpy's", (None, alone["numpy's"]))[1] == alone["numpy's"]
     chosen = python(numpy_kernels_code())
     level = openblas.cpu_level(openblas.cpu_flags())
@@ -85,7 +85,7 @@ def test_numpy_runs_the_chosen_kernels_and_the_probe_tells_the_truth():
 
 @pytest.mark.skipif(openblas.in_wheel('scipy') is None, reason="scipy's wheel carries no OpenBLAS here")
 def test_without_a_system_openblas_theano_links_scipys_and_computes_right():
-    code = ('import os, json; os.environ["MACHINE_PROBE"] = "1"; import machine, openblas; del os.environ["MACHINE_PROBE"]; '
+    code = ('import os, json; os.environ["MACHINE_SKIP_SETUP"] = "1"; import machine, openblas; del os.environ["MACHINE_SKIP_SETUP"]; '
             'openblas.SYSTEM_LIB_DIRS[:] = []; notes, _ = machine.set_up(); '
             'import numpy as np, theano, theano.tensor as T; a, b = T.matrices("a", "b"); '
             'f = theano.function([a, b], T.dot(a, b)); x = np.random.RandomState(0).rand(300, 200).astype("float32"); '
