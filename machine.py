@@ -23,8 +23,6 @@ import sys
 import gpustack
 import openblas
 
-# ---------------------------------------------------------------- the BLAS and its kernels
-
 # ---------------------------------------------------------------- Theano's flags, threads, malloc
 
 def user_flags():
