@@ -9,6 +9,8 @@ import theano.tensor as T
 from theano.tensor.nnet.neighbours import images2neibs
 from theano.tensor.signal.pool import pool_2d
 
+import maxpool
+
 CONV_IMPLS = ('conv2d', 'im2col')
 
 
@@ -78,7 +80,10 @@ class PoolLayer:
         self.output_shape = (C,) + tuple((n - d) // s + 1 for n, d, s in zip((H, W), self.ds, self.st))
 
     def output(self, x):
-        pooled = pool_2d(x, ws=self.ds, stride=self.st, ignore_border=True, mode='max')
+        if machine.gpu_asked():
+            pooled = pool_2d(x, ws=self.ds, stride=self.st, ignore_border=True, mode='max')
+        else:
+            pooled = maxpool.max_pool(x, self.ds, self.st)
         return nnet.ACTIVATIONS[self.activation](pooled + self.b.dimshuffle('x', 0, 'x', 'x'))
 
 
