@@ -134,7 +134,7 @@ def test_training_function_compiles_to_c_ops_only(ds, st, conv):
     trainer = nnet.Trainer(net, {'L': (X, rng.randint(0, 10, 20).astype('int32'))}, 10, 0.01, 0.9, 1e-4,
                            input_shape=(3, 32, 32))
     ops = [type(node.op).__name__ for node in trainer.train_fn.maker.fgraph.apply_nodes]
-    assert {'MaxPool', 'MaxPoolGrad', 'CrossentropySoftmaxArgmax1HotWithBias'} <= set(ops)   # maxpool's
+    assert {'MaxPool', 'MaxPoolGrad', 'CrossentropySoftmaxArgmax1HotWithBias'} <= set(ops)   # cpuops's
     assert 'Argmax' not in ops                   # the fused op's argmax serves the accuracy
     if conv == 'conv2d':
         assert {'CorrMM', 'CorrMM_gradWeights'} <= set(ops)

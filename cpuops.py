@@ -1,19 +1,30 @@
-"""2-d max-pooling for the CPU: Theano's Pool and MaxPoolGrad for one case, in loops a compiler vectorizes.
+"""Faster CPU code for three of Theano's ops, giving their values bit for bit.
 
-Theano's own ops serve any number of dimensions, padding and modes through per-element
-index arithmetic, and the gradient first zeroes its whole output in one thread.  On the
-published network they took 22% of a training step (the gradient alone 17%), on the
-64-filter network with overlapping windows 27%.  These two do what Theano's do for 4-d
-inputs, no padding, borders left out, in plain loops over one (image, channel) plane per
-OpenMP thread, and give the same values bit for bit: the maximum starts from a window's
-first element and takes a later one only if larger (so a NaN is kept only if it comes
-first), and the gradient goes to every element equal to its window's maximum, summed over
-the windows that hold it in the same order as Theano's.  No GPU code: on the GPU,
-convnet.py keeps Theano's GpuPool and GpuMaxPoolGrad.
+Max-pooling and its gradient: Theano's Pool and MaxPoolGrad serve any number of
+dimensions, padding and modes through per-element index arithmetic, and the gradient
+first zeroes its whole output in one thread.  On the published network they took 22% of
+a training step (the gradient alone 17%), on the 64-filter network with overlapping
+windows 27%.  MaxPool and MaxPoolGrad here do what Theano's do for 4-d inputs, no padding,
+borders left out, in plain loops over one (image, channel) plane per OpenMP thread: the
+maximum starts from a window's first element and takes a later one only if larger (so a
+NaN is kept only if it comes first), and the gradient goes to every element equal to its
+window's maximum, summed over the windows that hold it in the same order as Theano's.
+
+The convolution: Theano's CorrMM copies each image's 5x5 patches into a matrix (im2col)
+and multiplies it with the filters; its im2col checks the padding bounds of every single
+element, 18% of the published network's training step (forward and filter gradient).
+CorrMM and CorrMM_gradWeights here are Theano's with an im2col that copies whole rows
+when there is no padding, stride or dilation; the same products follow.
+
+No GPU code: on the GPU, convnet.py keeps Theano's conv2d and pooling (GpuCorrMM, GpuPool).
 """
 import theano
 import theano.tensor as T
 from theano.gof import OpenMPOp
+from theano.tensor.nnet import corr
+
+
+UNSIGNED = {'float32': 'npy_uint32', 'float64': 'npy_uint64'}    # same width: the gradient's masks
 
 
 def max_pool(x, ws, stride):
@@ -45,8 +56,8 @@ class _Pooling(OpenMPOp):
             raise ValueError('max_pool: window and stride must be two positive sizes each, not %s and %s'
                              % (ws, stride))
 
-    def c_code_cache_version(self):
-        return (1, self.openmp)
+    def c_code_cache_version(self):        # Theano reuses compiled code of the same version: raise it with any change
+        return (2, self.openmp)
 
     def constants(self, sub):
         """The C code's substitutions: window, stride, the OpenMP pragma, the failure code."""
@@ -119,6 +130,8 @@ class MaxPoolGrad(_Pooling):
         x, z, gz = (T.as_tensor_variable(v) for v in (x, z, gz))
         if not x.ndim == z.ndim == gz.ndim == 4:
             raise TypeError('max_pool gradient: x, z and gz must be 4-d')
+        if not x.dtype == z.dtype == gz.dtype in UNSIGNED:
+            raise TypeError('max_pool gradient: x, z and gz must all be float32 or all float64')
         return theano.Apply(self, [x, z, gz], [x.type()])
 
     def infer_shape(self, node, shapes):
@@ -127,7 +140,7 @@ class MaxPoolGrad(_Pooling):
     def c_code(self, node, name, inputs, outputs, sub):
         x, z, gz = inputs
         gx, = outputs
-        c = dict(self.constants(sub), x=x, z=z, gz=gz, gx=gx)
+        c = dict(self.constants(sub), x=x, z=z, gz=gz, gx=gx, bits=UNSIGNED[node.inputs[2].dtype])
         c['release'] = 'Py_XDECREF(xc); Py_XDECREF(zc); Py_XDECREF(gzc);'
         c['alloc'] = _c_array(gx, 'PyArray_DIMS(xc)', 'xc', c['release'] + c['fail'])
         return """{
@@ -156,15 +169,82 @@ class MaxPoolGrad(_Pooling):
             memset(gp, 0, H * W * sizeof(dtype_%(gx)s));
             // windows in Theano's order, so an element in several windows sums their gradients alike
             for (npy_intp i = 0; i < oh; i++)
-                for (int a = 0; a < %(wh)d; a++) {
-                    const dtype_%(x)s* xr = xp + (i * %(sh)d + a) * W;
-                    dtype_%(gx)s* gr = gp + (i * %(sh)d + a) * W;
-                    const dtype_%(z)s* zr = z0 + (p * oh + i) * ow;
-                    const dtype_%(gz)s* gzr = gz0 + (p * oh + i) * ow;
-                    for (npy_intp j = 0; j < ow; j++)
-                        for (int b = 0; b < %(ww)d; b++)
-                            gr[j * %(sw)d + b] += xr[j * %(sw)d + b] == zr[j] ? gzr[j] : 0;
+                for (npy_intp j = 0; j < ow; j++) {
+                    const dtype_%(z)s m = z0[(p * oh + i) * ow + j];
+                    %(bits)s g;                       // gz, or 0 where x != m, by a mask: no branch
+                    memcpy(&g, gz0 + (p * oh + i) * ow + j, sizeof g);
+                    const dtype_%(x)s* xw = xp + i * %(sh)d * W + j * %(sw)d;
+                    dtype_%(gx)s* gw = gp + i * %(sh)d * W + j * %(sw)d;
+                    for (int a = 0; a < %(wh)d; a++)
+                        for (int b = 0; b < %(ww)d; b++) {
+                            const %(bits)s masked = g & -(%(bits)s)(xw[a * W + b] == m);
+                            dtype_%(gx)s add;
+                            memcpy(&add, &masked, sizeof add);
+                            gw[a * W + b] += add;
+                        }
                 }
         }
         %(release)s
         }""" % c
+
+
+# Theano's im2col renamed, and this one in front of it: whole rows of the image when the
+# patches are unpadded, unstrided and undilated (each row of the patch matrix is then
+# height_col runs of width_col consecutive pixels); Theano's code for every other case.
+FAST_IM2COL = """
+__attribute__((optimize("no-tree-loop-distribute-patterns")))   // short runs: no memcpy calls
+void im2col(const %(t)s* data_im, const int channels, const int height, const int width,
+            const int kernel_h, const int kernel_w, const int dilation_h, const int dilation_w,
+            const int pad_hl, const int pad_hr, const int pad_wl, const int pad_wr,
+            const int stride_h, const int stride_w, %(t)s* data_col) {
+    if (dilation_h != 1 || dilation_w != 1 || pad_hl || pad_hr || pad_wl || pad_wr
+        || stride_h != 1 || stride_w != 1) {
+        im2col_theano(data_im, channels, height, width, kernel_h, kernel_w, dilation_h, dilation_w,
+                      pad_hl, pad_hr, pad_wl, pad_wr, stride_h, stride_w, data_col);
+        return;
+    }
+    const int height_col = height - kernel_h + 1, width_col = width - kernel_w + 1;
+    for (int c = 0; c < channels * kernel_h * kernel_w; ++c) {
+        const %(t)s* src = data_im + ((npy_intp)(c / kernel_h / kernel_w) * height + (c / kernel_w) %% kernel_h) * width
+                           + c %% kernel_w;
+        %(t)s* dst = data_col + (npy_intp)c * height_col * width_col;
+        for (int h = 0; h < height_col; ++h, src += width, dst += width_col)
+            for (int w = 0; w < width_col; ++w)
+                dst[w] = src[w];
+    }
+}
+"""
+
+
+class _RowsIm2col:
+    """Theano's CorrMM C code with FAST_IM2COL in place of its im2col (Theano 1.0.5's text)."""
+
+    def c_support_code_apply(self, node, nodename):
+        code = super().c_support_code_apply(node, nodename)
+        theirs, next_function = 'void im2col(const ', 'void col2im(const '
+        if code.count(theirs) != 1 or code.count(next_function) != 1:
+            raise RuntimeError('cpuops: Theano\'s corr_gemm.c is not 1.0.5\'s; install theano==1.0.5')
+        ours = FAST_IM2COL % dict(t='npy_float' if node.inputs[0].dtype == 'float32' else 'npy_double')
+        return code.replace(theirs, 'void im2col_theano(const ').replace(next_function, ours + next_function)
+
+    def c_code_cache_version(self):        # raise it with any change to FAST_IM2COL
+        return super().c_code_cache_version() + ('rows-im2col', 1)
+
+
+class CorrMM(_RowsIm2col, corr.CorrMM):
+    """Theano's CorrMM (the forward correlation) with the faster im2col; its filter gradient too."""
+
+    def grad(self, inputs, output_grads):                 # as Theano's, with the filter gradient above
+        bottom, weights = inputs
+        top, = output_grads
+        d_bottom = corr.CorrMM_gradInputs(**self._props_dict())(weights, top, bottom.shape[-2:])
+        return d_bottom, CorrMM_gradWeights(**self._props_dict())(bottom, top, weights.shape[-2:])
+
+
+class CorrMM_gradWeights(_RowsIm2col, corr.CorrMM_gradWeights):
+    """Theano's filter gradient of CorrMM with the faster im2col."""
+
+
+def correlate(x, W):
+    """Valid cross-correlation of (N, C, H, W) images with (F, C, h, w) filters, stride 1: CorrMM's."""
+    return CorrMM('valid', (1, 1))(x, W)

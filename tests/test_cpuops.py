@@ -1,0 +1,97 @@
+"""cpuops.py against Theano's own ops: the same values and gradients, bit for bit."""
+import numpy as np
+import pytest
+
+import convnet
+import machine
+import cpuops
+import nnet
+import theano
+import theano.tensor as T
+from theano.tensor.nnet import corr
+from theano.tensor.signal.pool import pool_2d
+
+CASES = [((4, 4), (4, 4), (3, 2, 28, 28)),      # the published window
+         ((4, 4), (2, 2), (3, 2, 28, 28)),      # overlapping: most elements in several windows
+         ((2, 3), (1, 2), (2, 3, 11, 9)),       # unequal sides, borders left out
+         ((3, 2), (2, 3), (1, 2, 7, 9)),        # strides larger than the window: gaps
+         ((5, 5), (1, 1), (2, 1, 5, 5))]        # one window the size of the map
+
+
+def pooled_and_gradient(pool, x, weights):
+    x_ = T.tensor4()
+    z = pool(x_)
+    gx = T.grad((z * weights).sum(), x_)                # any upstream gradient
+    return theano.function([x_], [z, gx])(x)
+
+
+@pytest.mark.parametrize('openmp', [False, True])
+@pytest.mark.parametrize('ws, st, shape', CASES)
+@pytest.mark.parametrize('values', ['normal', 'ties'])
+def test_max_pool_and_its_gradient_equal_theanos_bit_for_bit(ws, st, shape, values, openmp):
+    rng = np.random.RandomState(0)
+    x = rng.randn(*shape).astype(nnet.floatX)
+    if values == 'ties':            # maxima held twice or more: the gradient goes to every copy
+        x = np.round(x)
+    zshape = shape[:2] + tuple((n - w) // s + 1 for n, w, s in zip(shape[2:], ws, st))
+    weights = rng.randn(*zshape).astype(nnet.floatX)
+    ours = pooled_and_gradient(lambda v: cpuops.MaxPool(ws, st, openmp=openmp)(v), x, weights)
+    theirs = pooled_and_gradient(lambda v: pool_2d(v, ws=ws, stride=st, ignore_border=True), x, weights)
+    assert ours[0].shape == zshape
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    np.testing.assert_array_equal(ours[1], theirs[1])
+    if values == 'ties' and st == ws:       # disjoint windows: more gradients than windows = copies served
+        assert (ours[1] != 0).sum() > np.prod(zshape)
+
+
+def test_max_pool_takes_non_contiguous_input_and_says_what_is_wrong():
+    x_ = T.tensor4()
+    f = theano.function([x_], cpuops.max_pool(x_, (4, 4), (4, 4)))
+    x = np.random.RandomState(0).randn(2, 8, 8, 3).astype(nnet.floatX).transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(f(x), x.reshape(2, 3, 2, 4, 2, 4).max(axis=(3, 5)))
+    with pytest.raises(ValueError, match='4x4 windows on 3x8 maps'):
+        f(np.zeros((1, 1, 3, 8), nnet.floatX))
+    with pytest.raises(TypeError, match='4-d tensors'):
+        cpuops.max_pool(T.matrix(), (2, 2), (2, 2))
+    with pytest.raises(ValueError, match='two positive sizes'):
+        cpuops.MaxPool((2, 0), (1, 1))
+
+
+@pytest.mark.parametrize('border_mode, subsample, shape', [
+    ('valid', (1, 1), (5, 3, 32, 32)),          # the published convolution: rows copied whole
+    ('valid', (1, 1), (3, 2, 7, 6)),
+    ((1, 2), (1, 1), (3, 2, 7, 6)),             # padding and strides: Theano's own im2col
+    ('valid', (2, 1), (3, 2, 7, 6))])
+def test_correlation_and_its_filter_gradient_equal_corrmms_bit_for_bit(border_mode, subsample, shape):
+    rng = np.random.RandomState(0)
+    x = rng.randn(*shape).astype(nnet.floatX)
+    W = rng.randn(4, shape[1], 5, 3).astype(nnet.floatX)
+    x_, W_ = T.tensor4(), T.tensor4()
+    shape_out = corr.CorrMM(border_mode, subsample)(x_, W_).eval({x_: x, W_: W}).shape
+    weights = rng.randn(*shape_out).astype(nnet.floatX)               # any upstream gradient
+    results = []
+    for op, grad_op in ((cpuops.CorrMM, cpuops.CorrMM_gradWeights), (corr.CorrMM, corr.CorrMM_gradWeights)):
+        out = op(border_mode, subsample)(x_, W_)
+        f = theano.function([x_, W_], [out, T.grad((out * weights).sum(), W_)])
+        assert {op, grad_op} <= {type(node.op) for node in f.maker.fgraph.apply_nodes}
+        results.append(f(x, W))
+    for ours, theirs in zip(*results):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def layer_ops(use_gpu, monkeypatch):
+    monkeypatch.setattr(machine, 'gpu_asked', lambda: use_gpu)
+    x_ = T.tensor4()
+    conv = convnet.ConvLayer(np.random.RandomState(0), (2, 9, 9), 3, (2, 2))
+    pool = convnet.PoolLayer(conv.output_shape, (2, 2))
+    grads = T.grad(pool.output(conv.output(x_)).sum(), [x_, conv.W])
+    return {type(node.op) for node in theano.function([x_], grads).maker.fgraph.apply_nodes}
+
+
+def test_layers_use_these_ops_on_the_cpu_and_theanos_with_a_gpu(monkeypatch):
+    from theano.tensor.signal import pool
+    ours = {cpuops.CorrMM, cpuops.CorrMM_gradWeights, cpuops.MaxPool, cpuops.MaxPoolGrad}
+    assert ours <= layer_ops(False, monkeypatch)
+    # Theano's conv2d and pooling have GPU versions (GpuCorrMM, GpuPool...); these ops have none
+    theirs = layer_ops(True, monkeypatch)
+    assert {pool.Pool, pool.MaxPoolGrad, corr.CorrMM, corr.CorrMM_gradWeights} <= theirs and not ours & theirs
