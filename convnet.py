@@ -49,9 +49,9 @@ class ConvLayer:
         self.impl = conv_impl(impl)
 
     def output(self, x):
-        if self.impl == 'conv2d' and not machine.gpu_asked():
-            return cpuops.correlate(x, self.W)
         if self.impl == 'conv2d':
+            if not machine.gpu_asked():
+                return cpuops.correlate(x, self.W)
             return T.nnet.conv2d(x, self.W, input_shape=(None,) + self.input_shape,
                                  filter_shape=self.filter_shape, filter_flip=False)
         F, C, h, w = self.filter_shape
