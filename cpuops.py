@@ -57,7 +57,7 @@ class _Pooling(OpenMPOp):
                              % (ws, stride))
 
     def c_code_cache_version(self):        # Theano reuses compiled code of the same version: raise it with any change
-        return (2, self.openmp)
+        return (5, self.openmp)
 
     def constants(self, sub):
         """The C code's substitutions: window, stride, the OpenMP pragma, the failure code."""
@@ -122,6 +122,60 @@ class MaxPool(_Pooling):
         }""" % c
 
 
+# The gradient's loop over one plane (xp, zp, gzp -> gp).  Where gz goes is decided by a mask,
+# g & -(x == m), not a branch (gcc made `x == m ? g : 0` two branches an element).
+# Disjoint windows (stride >= window): every element is in at most one window, so each row
+# of gx is written once, whole: the row of windows' maxima and gradients spread over their
+# columns (gradient 0 on columns in no window), then one masked pass, which vectorises.
+DISJOINT_WINDOWS = """
+            dtype_%(z)s mrow[W];
+            %(bits)s grow[W];
+            for (npy_intp r = 0; r < H; r++) {
+                const npy_intp i = r / %(sh)d, a = r %% %(sh)d;
+                dtype_%(gx)s* gr = gp + r * W;
+                if (i >= oh || a >= %(wh)d) {                       // a row in no window
+                    memset(gr, 0, W * sizeof(dtype_%(gx)s));
+                    continue;
+                }
+                if (a == 0) {                                       // a new row of windows
+                    memset(mrow, 0, sizeof mrow);
+                    memset(grow, 0, sizeof grow);
+                    for (npy_intp j = 0; j < ow; j++)
+                        for (int b = 0; b < %(ww)d; b++) {
+                            mrow[j * %(sw)d + b] = zp[i * ow + j];
+                            memcpy(grow + j * %(sw)d + b, gzp + i * ow + j, sizeof grow[0]);
+                        }
+                }
+                const dtype_%(x)s* xr = xp + r * W;
+                for (npy_intp c = 0; c < W; c++) {
+                    const %(bits)s masked = grow[c] & -(%(bits)s)(xr[c] == mrow[c]);
+                    dtype_%(gx)s add;
+                    memcpy(&add, &masked, sizeof add);
+                    gr[c] = (dtype_%(gx)s)0 + add;      // as Theano's 0 += gz: a gradient of -0 lands as +0
+                }
+            }"""
+
+# Overlapping windows: in Theano's order, so an element in several windows sums their
+# gradients alike.
+OVERLAPPING_WINDOWS = """
+            memset(gp, 0, H * W * sizeof(dtype_%(gx)s));
+            for (npy_intp i = 0; i < oh; i++)
+                for (npy_intp j = 0; j < ow; j++) {
+                    const dtype_%(z)s m = zp[i * ow + j];
+                    %(bits)s g;
+                    memcpy(&g, gzp + i * ow + j, sizeof g);
+                    const dtype_%(x)s* xw = xp + i * %(sh)d * W + j * %(sw)d;
+                    dtype_%(gx)s* gw = gp + i * %(sh)d * W + j * %(sw)d;
+                    for (int a = 0; a < %(wh)d; a++)
+                        for (int b = 0; b < %(ww)d; b++) {
+                            const %(bits)s masked = g & -(%(bits)s)(xw[a * W + b] == m);
+                            dtype_%(gx)s add;
+                            memcpy(&add, &masked, sizeof add);
+                            gw[a * W + b] += add;
+                        }
+                }"""
+
+
 class MaxPoolGrad(_Pooling):
     """(x, z = max_pool(x), gz) -> gx: gz added to every element of a window equal to its maximum."""
 
@@ -142,6 +196,8 @@ class MaxPoolGrad(_Pooling):
         c = dict(self.constants(sub), x=x, z=z, gz=gz, gx=gx, bits=UNSIGNED[node.inputs[2].dtype])
         c['release'] = 'Py_XDECREF(xc); Py_XDECREF(zc); Py_XDECREF(gzc);'
         c['alloc'] = _c_array(gx, 'PyArray_DIMS(xc)', 'xc', c['release'] + c['fail'])
+        disjoint = self.stride[0] >= self.ws[0] and self.stride[1] >= self.ws[1]
+        c['loop'] = (DISJOINT_WINDOWS if disjoint else OVERLAPPING_WINDOWS) % c
         return """{
         PyArrayObject* xc = PyArray_GETCONTIGUOUS(%(x)s);
         PyArrayObject* zc = PyArray_GETCONTIGUOUS(%(z)s);
@@ -164,24 +220,10 @@ class MaxPoolGrad(_Pooling):
         %(parallel)s
         for (npy_intp p = 0; p < planes; p++) {
             const dtype_%(x)s* xp = x0 + p * H * W;
+            const dtype_%(z)s* zp = z0 + p * oh * ow;
+            const dtype_%(gz)s* gzp = gz0 + p * oh * ow;
             dtype_%(gx)s* gp = gx0 + p * H * W;
-            memset(gp, 0, H * W * sizeof(dtype_%(gx)s));
-            // windows in Theano's order, so an element in several windows sums their gradients alike
-            for (npy_intp i = 0; i < oh; i++)
-                for (npy_intp j = 0; j < ow; j++) {
-                    const dtype_%(z)s m = z0[(p * oh + i) * ow + j];
-                    %(bits)s g;                       // gz, or 0 where x != m, by a mask: no branch
-                    memcpy(&g, gz0 + (p * oh + i) * ow + j, sizeof g);
-                    const dtype_%(x)s* xw = xp + i * %(sh)d * W + j * %(sw)d;
-                    dtype_%(gx)s* gw = gp + i * %(sh)d * W + j * %(sw)d;
-                    for (int a = 0; a < %(wh)d; a++)
-                        for (int b = 0; b < %(ww)d; b++) {
-                            const %(bits)s masked = g & -(%(bits)s)(xw[a * W + b] == m);
-                            dtype_%(gx)s add;
-                            memcpy(&add, &masked, sizeof add);
-                            gw[a * W + b] += add;
-                        }
-                }
+%(loop)s
         }
         %(release)s
         }""" % c
