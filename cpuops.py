@@ -245,11 +245,19 @@ void im2col(const %(t)s* data_im, const int channels, const int height, const in
         return;
     }
     const int height_col = height - kernel_h + 1, width_col = width - kernel_w + 1;
+    // runs copied 8 at a time, each but the last of a row overrunning into the next run's
+    // place (written next) and reading into the image's next row (there is one): no tails
+    const int eights = (width_col + 7) / 8 * 8 <= width ? (width_col + 7) / 8 : 0;
     for (int c = 0; c < channels * kernel_h * kernel_w; ++c) {
         const %(t)s* src = data_im + ((npy_intp)(c / kernel_h / kernel_w) * height + (c / kernel_w) %% kernel_h) * width
                            + c %% kernel_w;
         %(t)s* dst = data_col + (npy_intp)c * height_col * width_col;
-        for (int h = 0; h < height_col; ++h, src += width, dst += width_col)
+        int h = 0;
+        for (; h < height_col - 1 && eights; ++h, src += width, dst += width_col)
+            for (int e = 0; e < eights; ++e)
+                for (int v = 0; v < 8; ++v)
+                    dst[8 * e + v] = src[8 * e + v];
+        for (; h < height_col; ++h, src += width, dst += width_col)
             for (int w = 0; w < width_col; ++w)
                 dst[w] = src[w];
     }
@@ -269,7 +277,7 @@ class _RowsIm2col:
         return code.replace(theirs, 'void im2col_theano(const ').replace(next_function, ours + next_function)
 
     def c_code_cache_version(self):        # raise it with any change to FAST_IM2COL
-        return super().c_code_cache_version() + ('rows-im2col', 1)
+        return super().c_code_cache_version() + ('rows-im2col', 2)
 
 
 class CorrMM(_RowsIm2col, corr.CorrMM):
