@@ -105,6 +105,17 @@ def test_one_step_follows_the_update_rule():
         np.testing.assert_allclose(p.get_value(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_weight_gradients_accumulate_into_the_momentum_in_place():
+    net = nnet.MLP(np.random.RandomState(0), 6, [5], 3)
+    X, y = small_problem(20)
+    trainer = nnet.Trainer(net, {'L': (X, y)}, 10, 0.1, 0.9, 0.01)
+    gemms = [node for node in trainer.train_fn.maker.fgraph.apply_nodes
+             if isinstance(node.op, theano.tensor.blas.Gemm)]
+    # one product per weight matrix, added to the momentum's buffer: no copy of W each step
+    assert sorted(node.inputs[0].name for node in gemms) == ['dW1', 'dW2']
+    assert all(node.op.inplace for node in gemms)
+
+
 def test_mlp_learns_a_separable_problem_and_eta_changes_without_recompiling():
     X, y = small_problem(400)
     net = nnet.MLP(np.random.RandomState(0), 6, [20], 3)
