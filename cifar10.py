@@ -115,24 +115,22 @@ def load_raw(datadir=None, download_missing=True):
 
 # ---------------------------------------------------------------- preprocessing
 
-def fit_zca(X, epsilon=ZCA_EPSILON):
-    """Mean and ZCA matrix U diag(1/sqrt(s + eps)) U^T of the rows of X (N, D).
+def zca_matrix(Xc, epsilon=ZCA_EPSILON):
+    """The ZCA matrix of rows Xc (N, D) already centred.
 
-    The D x D covariance is one BLAS product in X's precision (float32 is accurate
+    The D x D covariance is one BLAS product in Xc's precision (float32 is accurate
     enough with eps = 0.001 and twice as fast); scipy's MRRR eigensolver is about
     2.5x faster than numpy's here, so it is used when installed.
     """
-    mean = X.mean(axis=0, dtype=np.float64).astype(X.dtype)
-    Xc = X - mean
-    cov = np.dot(Xc.T, Xc) / X.shape[0]
+    cov = np.dot(Xc.T, Xc) / Xc.shape[0]
     try:
         import scipy.linalg
         s, U = scipy.linalg.eigh(cov, driver='evr', overwrite_a=True)
     except ImportError:
         s, U = np.linalg.eigh(cov)
     s = np.clip(s, 0, None)
-    W = np.dot(U * (1.0 / np.sqrt(s + epsilon)).astype(X.dtype), U.T)
-    return mean, W.astype(X.dtype)
+    W = np.dot(U * (1.0 / np.sqrt(s + epsilon)).astype(Xc.dtype), U.T)
+    return W.astype(Xc.dtype)
 
 
 def _cache_key(data_fingerprint, epsilon, dtype):
@@ -217,9 +215,13 @@ def _load_cache(path, key):
         return None
 
 
-def _scaled(raw, dtype):
-    """Pixels / 255 in dtype, split by split."""
-    return {name: X.astype(dtype) / np.asarray(255, dtype) for name, (X, y) in raw.items()}
+def _scaled_and_centred(raw, dtype):
+    """Pixels / 255 in dtype, split by split, minus the training images' mean; and that mean."""
+    X = {name: np.true_divide(pixels, np.asarray(255, dtype), dtype=dtype) for name, (pixels, y) in raw.items()}
+    mean = X['L'].mean(axis=0, dtype=np.float64).astype(dtype)
+    for x in X.values():
+        x -= mean
+    return X, mean
 
 
 def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=True, log=None):
@@ -238,20 +240,18 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     labels = {name: y for name, (X, y) in raw.items()}
     data_fingerprint = fingerprint(raw)
     if not zca:
-        X = _scaled(raw, dtype)
-        mean = X['L'].mean(axis=0, dtype=np.float64).astype(dtype)
-        data = {name: (x - mean, labels[name]) for name, x in X.items()}
+        X, mean = _scaled_and_centred(raw, dtype)
+        data = {name: (x, labels[name]) for name, x in X.items()}
         log and log('data: mean subtracted, no ZCA (%.1f s)' % (time.time() - start))
         return Dataset(data, data_fingerprint)
     key = _cache_key(data_fingerprint, epsilon, dtype)
     path = os.path.join(datadir, 'cache', 'cifar10-zca-' + key[:16])
     cached = _load_cache(path, key) if cache else None
     if cached is None:
-        X = _scaled(raw, dtype)
-        mean, W = fit_zca(X['L'], epsilon)
+        X, mean = _scaled_and_centred(raw, dtype)
+        W = zca_matrix(X['L'], epsilon)
         cached = {'mean': mean, 'zca': W}
         for name, x in X.items():
-            x -= mean
             cached[name] = np.dot(x, W)
         if cache:   # ~2 s of writing overlaps the start of training (numpy drops the GIL)
             writer = threading.Thread(target=_save_cache, name='zca-cache-writer', args=(
