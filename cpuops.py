@@ -1,4 +1,5 @@
-"""Faster CPU code for three of Theano's ops, giving their values bit for bit.
+"""Faster CPU code for three of Theano's ops, giving their values bit for bit, and for the
+filter gradient through max-pooling, giving it up to float rounding.
 
 Max-pooling and its gradient: Theano's Pool and MaxPoolGrad serve any number of
 dimensions, padding and modes through per-element index arithmetic, and the gradient
@@ -15,6 +16,12 @@ and multiplies it with the filters; its im2col checks the padding bounds of ever
 element, 18% of the published network's training step (forward and filter gradient).
 CorrMM and CorrMM_gradWeights here are Theano's with an im2col that copies whole rows
 when there is no padding, stride or dilation; the same products follow.
+
+The filter gradient through disjoint max-pooling: the pooling's gradient is zero but at
+each window's maximum, so PooledFilterGrad sums gz times the patch under each maximum
+instead of multiplying the dense, mostly zero gradient with all the patches (with 4x4
+windows, 16 times fewer products).  CorrMM's gradient chooses it when its output goes to
+MaxPool alone; the sums run in another order, so the run's figures move by float rounding.
 
 No GPU code: on the GPU, convnet.py keeps Theano's conv2d and pooling (GpuCorrMM, GpuPool).
 """
@@ -229,6 +236,147 @@ class MaxPoolGrad(_Pooling):
         }""" % c
 
 
+class PooledFilterGrad(_Pooling):
+    """(x, c = correlate(x, W), z = max_pool(c), gz) -> the gradient of W through the pooling.
+
+    What CorrMM_gradWeights(x, MaxPoolGrad(c, z, gz)) computes, without the dense gradient
+    of c: max-pooling passes gz to each window's maximum only (ties apart), so the filter
+    gradient is the sum, over every window's maximum at (h, w), of gz times the patch of x
+    under it: ws[0]*ws[1] times fewer products than the dense product's, and no gradient of
+    c to write and read back.  Valid correlation, stride 1.  The sums run in another order
+    than the dense product's: equal up to float rounding.
+    """
+
+    @staticmethod
+    def serves(ws, stride):
+        """Disjoint windows of at most 64 elements (with overlapping ones, each element's
+        several windows made it slower than the dense pair: 16.2 against 14.7 ms with 64
+        filters and 4x4 windows at stride 2)."""
+        return stride[0] >= ws[0] and stride[1] >= ws[1] and ws[0] * ws[1] <= 64
+
+    def make_node(self, x, c, z, gz):
+        if self.ws[0] * self.ws[1] > 64:
+            raise ValueError('pooled filter gradient: windows of at most 64 elements, not %s' % (self.ws,))
+        x, c, z, gz = (T.as_tensor_variable(v) for v in (x, c, z, gz))
+        if not x.ndim == c.ndim == z.ndim == gz.ndim == 4:
+            raise TypeError('pooled filter gradient: x, c, z and gz must be 4-d')
+        if not x.dtype == c.dtype == z.dtype == gz.dtype in UNSIGNED:
+            raise TypeError('pooled filter gradient: x, c, z and gz must all be float32 or all float64')
+        return theano.Apply(self, [x, c, z, gz], [T.TensorType(x.dtype, (False,) * 4)()])
+
+    def c_code_cache_version(self):        # raise it with any change to the C code
+        return ('pooled-filter-grad', 6, self.openmp)
+
+    def infer_shape(self, node, shapes):
+        (n, C, H, W), (n, F, Hc, Wc) = shapes[:2]
+        return [(F, C, H - Hc + 1, W - Wc + 1)]
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        x, cv, z, gz = inputs
+        dw, = outputs
+        c = dict(self.constants(sub), x=x, c=cv, z=z, gz=gz, dw=dw, t='dtype_' + x)
+        c['release'] = 'Py_XDECREF(xc); Py_XDECREF(cc); Py_XDECREF(zc); Py_XDECREF(gzc);'
+        c['alloc'] = _c_array(dw, 'wdims', 'xc', c['release'] + c['fail'])
+        c['threads'] = 'omp_get_max_threads()' if self.openmp else '1'
+        c['thread'] = 'omp_get_thread_num()' if self.openmp else '0'
+        c['region'] = '#pragma omp parallel' if self.openmp else ''
+        c['images'] = '#pragma omp for schedule(static)' if self.openmp else ''
+        return """{
+        PyArrayObject* xc = PyArray_GETCONTIGUOUS(%(x)s);
+        PyArrayObject* cc = PyArray_GETCONTIGUOUS(%(c)s);
+        PyArrayObject* zc = PyArray_GETCONTIGUOUS(%(z)s);
+        PyArrayObject* gzc = PyArray_GETCONTIGUOUS(%(gz)s);
+        if (!xc || !cc || !zc || !gzc) { %(release)s %(fail)s }
+        const npy_intp* dx = PyArray_DIMS(xc);
+        const npy_intp* dc = PyArray_DIMS(cc);
+        const npy_intp N = dx[0], C = dx[1], H = dx[2], W = dx[3], F = dc[1], Hc = dc[2], Wc = dc[3];
+        const npy_intp oh = PyArray_DIMS(zc)[2], ow = PyArray_DIMS(zc)[3];
+        if (dc[0] != N || Hc > H || Wc > W || !PyArray_SAMESHAPE(zc, gzc)
+            || !PyArray_CompareLists(PyArray_DIMS(zc), dc, 2)
+            || oh != (Hc - %(wh)d) / %(sh)d + 1 || ow != (Wc - %(ww)d) / %(sw)d + 1) {
+            PyErr_SetString(PyExc_ValueError, "pooled filter gradient: the shapes of x, c, z and gz disagree");
+            %(release)s
+            %(fail)s
+        }
+        const npy_intp kh = H - Hc + 1, kw = W - Wc + 1, rows = C * kh;
+        npy_intp wdims[4] = {F, C, kh, kw};
+        %(alloc)s
+        // each thread sums into its own F x rows x span block (a patch row padded to 8, so that
+        // one vector takes it: the 8 - kw extra columns collect pixels to the right, unused),
+        // then the blocks are added in thread order
+        const npy_intp span = kw > 8 ? kw : 8;
+        const int threads = %(threads)s;
+        typedef %(t)s eight __attribute__((vector_size(8 * sizeof(%(t)s))));
+        %(t)s* sums = (%(t)s*)calloc((size_t)threads * F * rows * span, sizeof(%(t)s));
+        npy_intp* offsets = (npy_intp*)malloc(rows * sizeof(npy_intp));   // patch row -> offset in x
+        if (!sums || !offsets) {
+            free(sums); free(offsets);
+            PyErr_NoMemory();
+            %(release)s
+            %(fail)s
+        }
+        for (npy_intp q = 0; q < rows; q++)
+            offsets[q] = ((q / kh) * H + q %% kh) * W;
+        const %(t)s* x0 = (const %(t)s*)PyArray_DATA(xc);
+        const %(t)s* end = x0 + N * C * H * W;
+        const %(t)s* c0 = (const %(t)s*)PyArray_DATA(cc);
+        const %(t)s* z0 = (const %(t)s*)PyArray_DATA(zc);
+        const %(t)s* gz0 = (const %(t)s*)PyArray_DATA(gzc);
+        %(region)s
+        {
+            %(t)s* mine = sums + (npy_intp)%(thread)s * F * rows * span;
+            %(images)s
+            for (npy_intp n = 0; n < N; n++)
+                for (npy_intp f = 0; f < F; f++) {
+                    const %(t)s* cp = c0 + (n * F + f) * Hc * Wc;
+                    const %(t)s* zp = z0 + (n * F + f) * oh * ow;
+                    const %(t)s* gzp = gz0 + (n * F + f) * oh * ow;
+                    %(t)s* __restrict__ acc = mine + f * rows * span;
+                    for (npy_intp i = 0; i < oh; i++)
+                        for (npy_intp j = 0; j < ow; j++) {
+                            const %(t)s m = zp[i * ow + j], g = gzp[i * ow + j];
+                            // where the window equals its maximum, as bits (no branch an element)
+                            npy_uint64 hits = 0;
+                            for (int a = 0; a < %(wh)d; a++)
+                                for (int b = 0; b < %(ww)d; b++)
+                                    hits |= (npy_uint64)(cp[(i * %(sh)d + a) * Wc + j * %(sw)d + b] == m) << (a * %(ww)d + b);
+                            for (; hits; hits &= hits - 1) {
+                                const int k = __builtin_ctzll(hits);
+                                const npy_intp h = i * %(sh)d + k / %(ww)d, w = j * %(sw)d + k %% %(ww)d;
+                                // a maximum: gz times the patch of x under it
+                                const %(t)s* __restrict__ patch = x0 + n * C * H * W + h * W + w;
+                                if (kw <= 8 && patch + offsets[rows - 1] + 8 <= end) {   // 8 pixels a row, inside x
+                                    for (npy_intp q = 0; q < rows; q++) {
+                                        eight sum, pixels;      // one vector each (gcc's vector extension)
+                                        memcpy(&sum, acc + q * span, sizeof sum);
+                                        memcpy(&pixels, patch + offsets[q], sizeof pixels);
+                                        sum += g * pixels;
+                                        memcpy(acc + q * span, &sum, sizeof sum);
+                                    }
+                                } else {
+                                    for (npy_intp q = 0; q < rows; q++)
+                                        for (npy_intp s = 0; s < kw; s++)
+                                            acc[q * span + s] += g * patch[offsets[q] + s];
+                                }
+                            }
+                        }
+                }
+        }
+        %(t)s* out = (%(t)s*)PyArray_DATA(%(dw)s);
+        for (npy_intp f = 0; f < F; f++)
+            for (npy_intp q = 0; q < rows; q++)
+                for (npy_intp s = 0; s < kw; s++) {
+                    %(t)s total = 0;
+                    for (int t = 0; t < threads; t++)
+                        total += sums[(((npy_intp)t * F + f) * rows + q) * span + s];
+                    out[(f * rows + q) * kw + s] = total;
+                }
+        free(sums);
+        free(offsets);
+        %(release)s
+        }""" % c
+
+
 # Theano's im2col renamed, and this one in front of it: whole rows of the image when the
 # patches are unpadded, unstrided and undilated (each row of the patch matrix is then
 # height_col runs of width_col consecutive pixels); Theano's code for every other case.
@@ -283,10 +431,18 @@ class _RowsIm2col:
 class CorrMM(_RowsIm2col, corr.CorrMM):
     """Theano's CorrMM (the forward correlation) with the faster im2col; its filter gradient too."""
 
-    def grad(self, inputs, output_grads):                 # as Theano's, with the filter gradient above
+    def L_op(self, inputs, outputs, output_grads):        # as Theano's grad, with the filter gradients here
         bottom, weights = inputs
         top, = output_grads
         d_bottom = corr.CorrMM_gradInputs(**self._props_dict())(weights, top, bottom.shape[-2:])
+        pooling = top.owner
+        if (pooling and isinstance(pooling.op, MaxPoolGrad) and pooling.inputs[0] is outputs[0]
+                and PooledFilterGrad.serves(pooling.op.ws, pooling.op.stride)
+                and self.border_mode == 'valid' and self.subsample == (1, 1) and self.filter_dilation == (1, 1)
+                and self.num_groups == 1 and not self.unshared):
+            # the output goes to disjoint max-pooling alone: the filter gradient from its maxima
+            _, z, gz = pooling.inputs
+            return d_bottom, PooledFilterGrad(pooling.op.ws, pooling.op.stride)(bottom, outputs[0], z, gz)
         return d_bottom, CorrMM_gradWeights(**self._props_dict())(bottom, top, weights.shape[-2:])
 
 

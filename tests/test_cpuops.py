@@ -85,19 +85,65 @@ def test_correlation_and_its_filter_gradient_equal_corrmms_bit_for_bit(border_mo
         assert_same_bits(ours, theirs)
 
 
-def layer_ops(use_gpu, monkeypatch):
+@pytest.mark.parametrize('openmp', [False, True])
+@pytest.mark.parametrize('ws, st, shape, filters, values', [
+    ((4, 4), (4, 4), (5, 3, 32, 32), (16, 5, 5), 'normal'),     # the published layer
+    ((4, 4), (4, 4), (5, 3, 32, 32), (16, 5, 5), 'ties'),       # maxima held twice or more
+    ((3, 2), (3, 3), (3, 2, 12, 11), (4, 2, 3), 'normal'),      # gaps between windows, borders left out
+    ((2, 2), (2, 2), (2, 2, 14, 14), (3, 3, 9), 'normal'),      # a filter wider than 8: the plain loop
+    ((2, 2), (2, 2), (2, 1, 10, 10), (2, 3, 3), 'float64')])
+def test_pooled_filter_gradient_equals_theanos_pair(ws, st, shape, filters, values, openmp):
+    rng = np.random.RandomState(0)
+    dtype = 'float64' if values == 'float64' else nnet.floatX
+    x = rng.randn(*shape).astype(dtype)
+    W = rng.randn(filters[0], shape[1], *filters[1:]).astype(dtype)
+    if values == 'ties':            # integer pixels and filters: equal sums in many windows
+        x, W = np.round(x), np.round(W)
+    x_, W_, gz_ = T.tensor4(dtype=dtype), T.tensor4(dtype=dtype), T.tensor4(dtype=dtype)
+    c = corr.CorrMM('valid', (1, 1))(x_, W_)
+    z = cpuops.MaxPool(ws, st)(c)
+    dense = corr.CorrMM_gradWeights('valid', (1, 1))(x_, cpuops.MaxPoolGrad(ws, st)(c, z, gz_), W_.shape[-2:])
+    sparse = cpuops.PooledFilterGrad(ws, st, openmp=openmp)(x_, c, z, gz_)
+    gz = rng.randn(*z.eval({x_: x, W_: W}).shape).astype(dtype)
+    theirs, ours = theano.function([x_, W_, gz_], [dense, sparse])(x, W, gz)
+    assert ours.shape == theirs.shape == W.shape
+    # other summation order: equal to rounding (the published layer's values reach ~200)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-6 * np.abs(theirs).max())
+    if values == 'ties':            # some windows hold their maximum twice or more
+        windows = c.eval({x_: x, W_: W}).reshape(shape[0], filters[0], 7, 4, 7, 4)
+        assert ((windows == windows.max(axis=(3, 5), keepdims=True)).sum(axis=(3, 5)) > 1).any()
+
+
+def test_pooled_filter_gradient_refuses_what_it_cannot_do():
+    assert cpuops.PooledFilterGrad.serves((4, 4), (4, 4)) and cpuops.PooledFilterGrad.serves((3, 2), (3, 3))
+    assert not cpuops.PooledFilterGrad.serves((4, 4), (2, 2))       # overlapping: the dense pair is faster
+    assert not cpuops.PooledFilterGrad.serves((9, 8), (9, 8))       # more than 64 elements: no bit mask
+    with pytest.raises(ValueError, match='at most 64'):
+        cpuops.PooledFilterGrad((9, 8), (9, 8))(*[T.tensor4()] * 4)
+    with pytest.raises(TypeError, match='4-d'):
+        cpuops.PooledFilterGrad((2, 2), (2, 2))(T.matrix(), *[T.tensor4()] * 3)
+    x_ = T.tensor4()
+    f = theano.function([x_], cpuops.PooledFilterGrad((2, 2), (2, 2))(x_, x_, x_, x_))
+    with pytest.raises(ValueError, match='shapes of x, c, z and gz disagree'):
+        f(np.zeros((1, 1, 4, 4), nnet.floatX))
+
+
+def layer_ops(use_gpu, monkeypatch, st=None):
     monkeypatch.setattr(machine, 'gpu_asked', lambda: use_gpu)
     x_ = T.tensor4()
     conv = convnet.ConvLayer(np.random.RandomState(0), (2, 9, 9), 3, (2, 2))
-    pool = convnet.PoolLayer(conv.output_shape, (2, 2))
+    pool = convnet.PoolLayer(conv.output_shape, (2, 2), st)
     grads = T.grad(pool.output(conv.output(x_)).sum(), [x_, conv.W])
     return {type(node.op) for node in theano.function([x_], grads).maker.fgraph.apply_nodes}
 
 
 def test_layers_use_these_ops_on_the_cpu_and_theanos_with_a_gpu(monkeypatch):
     from theano.tensor.signal import pool
-    ours = {cpuops.CorrMM, cpuops.CorrMM_gradWeights, cpuops.MaxPool, cpuops.MaxPoolGrad}
+    ours = {cpuops.CorrMM, cpuops.PooledFilterGrad, cpuops.MaxPool, cpuops.MaxPoolGrad}
     assert ours <= layer_ops(False, monkeypatch)
+    assert cpuops.CorrMM_gradWeights not in layer_ops(False, monkeypatch)          # disjoint windows
+    assert {cpuops.CorrMM_gradWeights, cpuops.MaxPoolGrad} <= layer_ops(False, monkeypatch, st=(1, 1))
+    ours |= {cpuops.CorrMM_gradWeights}
     # Theano's conv2d and pooling have GPU versions (GpuCorrMM, GpuPool...); these ops have none
     theirs = layer_ops(True, monkeypatch)
     assert {pool.Pool, pool.MaxPoolGrad, corr.CorrMM, corr.CorrMM_gradWeights} <= theirs and not ours & theirs
