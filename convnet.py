@@ -70,8 +70,9 @@ class PoolLayer:
 
     st=None means st=ds (non-overlapping); st smaller than ds overlaps.  Windows that
     would cross the border are dropped (output (H - ds) // st + 1 rows).  On the CPU
-    cpuops.py's MaxPool and MaxPoolGrad (Theano's values, faster); on the GPU Theano's
-    pool_2d, which compiles to GpuPool and GpuMaxPoolGrad.
+    cpuops.py's MaxPool and MaxPoolGrad (Theano's values, faster; with disjoint windows
+    after a ConvLayer, the filters' gradient comes from the maxima, cpuops.PooledFilterGrad);
+    on the GPU Theano's pool_2d, which compiles to GpuPool and GpuMaxPoolGrad.
     """
 
     def __init__(self, input_shape, ds, st=None, activation='relu'):
