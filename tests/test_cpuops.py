@@ -91,6 +91,7 @@ def test_correlation_and_its_filter_gradient_equal_corrmms_bit_for_bit(border_mo
     ((4, 4), (4, 4), (5, 3, 32, 32), (16, 5, 5), 'ties'),       # maxima held twice or more
     ((3, 2), (3, 3), (3, 2, 12, 11), (4, 2, 3), 'normal'),      # gaps between windows, borders left out
     ((2, 2), (2, 2), (2, 2, 14, 14), (3, 3, 9), 'normal'),      # a filter wider than 8: the plain loop
+    ((2, 3), (2, 4), (2, 1, 9, 150), (2, 2, 3), 'normal'),      # 147 columns under windows: 3 words of bits
     ((2, 2), (2, 2), (2, 1, 10, 10), (2, 3, 3), 'float64')])
 def test_pooled_filter_gradient_equals_theanos_pair(ws, st, shape, filters, values, openmp):
     rng = np.random.RandomState(0)
@@ -116,10 +117,11 @@ def test_pooled_filter_gradient_equals_theanos_pair(ws, st, shape, filters, valu
 
 def test_pooled_filter_gradient_refuses_what_it_cannot_do():
     assert cpuops.PooledFilterGrad.serves((4, 4), (4, 4)) and cpuops.PooledFilterGrad.serves((3, 2), (3, 3))
-    assert not cpuops.PooledFilterGrad.serves((4, 4), (2, 2))       # overlapping: the dense pair is faster
-    assert not cpuops.PooledFilterGrad.serves((9, 8), (9, 8))       # more than 64 elements: no bit mask
-    with pytest.raises(ValueError, match='at most 64'):
-        cpuops.PooledFilterGrad((9, 8), (9, 8))(*[T.tensor4()] * 4)
+    assert cpuops.PooledFilterGrad.serves((9, 8), (9, 8))
+    assert not cpuops.PooledFilterGrad.serves((4, 4), (2, 2))       # overlapping: an element under two windows
+    assert not cpuops.PooledFilterGrad.serves((4, 4), (4, 3))
+    with pytest.raises(ValueError, match='disjoint windows only'):
+        cpuops.PooledFilterGrad((4, 4), (2, 2))(*[T.tensor4()] * 4)
     with pytest.raises(TypeError, match='4-d'):
         cpuops.PooledFilterGrad((2, 2), (2, 2))(T.matrix(), *[T.tensor4()] * 3)
     x_ = T.tensor4()
