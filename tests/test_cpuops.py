@@ -1,4 +1,5 @@
-"""cpuops.py against Theano's own ops: the same values and gradients, bit for bit."""
+"""cpuops.py against Theano's own ops: the same values and gradients, bit for bit, but where
+an op sums in its own order (the direct correlation, PooledFilterGrad): there to rounding."""
 import numpy as np
 import pytest
 
@@ -66,6 +67,7 @@ def test_max_pool_takes_non_contiguous_input_and_says_what_is_wrong():
 @pytest.mark.parametrize('border_mode, subsample, shape', [
     ('valid', (1, 1), (5, 3, 32, 32)),          # the published convolution: rows copied whole
     ('valid', (1, 1), (3, 2, 7, 6)),
+    ('valid', (1, 1), (2, 1, 5, 40)),           # 38 columns out: Theano's CorrMM, not the direct one
     ((1, 2), (1, 1), (3, 2, 7, 6)),             # padding and strides: Theano's own im2col
     ('valid', (2, 1), (3, 2, 7, 6))])
 def test_correlation_and_its_filter_gradient_equal_corrmms_bit_for_bit(border_mode, subsample, shape):
@@ -81,8 +83,38 @@ def test_correlation_and_its_filter_gradient_equal_corrmms_bit_for_bit(border_mo
         f = theano.function([x_, W_], [out, T.grad((out * weights).sum(), W_)])
         assert {op, grad_op} <= {type(node.op) for node in f.maker.fgraph.apply_nodes}
         results.append(f(x, W))
-    for ours, theirs in zip(*results):
+    (ours, ours_grad), (theirs, theirs_grad) = results
+    assert_same_bits(ours_grad, theirs_grad)
+    if border_mode == 'valid' and subsample == (1, 1) and shape[3] - 3 < 32:
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)    # the direct correlation
+    else:
         assert_same_bits(ours, theirs)
+
+
+def np_correlate(x, W):
+    """The valid correlation in float64, from numpy's sliding windows."""
+    patches = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), W.shape[2:], axis=(2, 3))
+    return np.einsum('nchwij,fcij->nfhw', patches, W.astype(np.float64))
+
+
+@pytest.mark.parametrize('openmp', [False, True])
+@pytest.mark.parametrize('dtype', ['float32', 'float64'])
+@pytest.mark.parametrize('shape, filters', [
+    ((5, 3, 32, 32), (16, 5, 5)),               # the published layer: 28 columns, 2 blocks of 8 filters
+    ((3, 2, 36, 37), (13, 5, 6)),               # 32 columns, filters not a multiple of 8
+    ((2, 1, 9, 16), (3, 4, 1)),                 # 16 columns, one filter row
+    ((2, 2, 6, 5), (9, 6, 5)),                  # one output element a map
+    ((1, 1, 3, 8), (1, 1, 1))])                 # 1x1 filter: 8 columns
+def test_direct_correlation_equals_numpys(shape, filters, dtype, openmp):
+    rng = np.random.RandomState(0)
+    x = rng.randn(*shape).astype(dtype)
+    W = rng.randn(filters[0], shape[1], *filters[1:]).astype(dtype)
+    x_, W_ = T.tensor4(dtype=dtype), T.tensor4(dtype=dtype)
+    f = theano.function([x_, W_], cpuops.CorrMM('valid', (1, 1), openmp=openmp)(x_, W_))
+    rtol = 1e-5 if dtype == 'float32' else 1e-12
+    np.testing.assert_allclose(f(x, W), np_correlate(x, W), rtol=rtol, atol=rtol * 10)
+    x_strided = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)     # not C-contiguous
+    np.testing.assert_allclose(f(x_strided, W[:, :, ::-1]), np_correlate(x, W[:, :, ::-1]), rtol=rtol, atol=rtol * 10)
 
 
 @pytest.mark.parametrize('openmp', [False, True])
