@@ -1,5 +1,6 @@
-"""Faster CPU code for three of Theano's ops, giving their values bit for bit, and for the
-filter gradient through max-pooling, giving it up to float rounding.
+"""Faster CPU code for three of Theano's ops, giving their values bit for bit (the forward
+convolution up to float rounding), and for the filter gradient through max-pooling, giving it
+up to float rounding.
 
 Max-pooling and its gradient: Theano's Pool and MaxPoolGrad serve any number of
 dimensions, padding and modes through per-element index arithmetic, and the gradient
@@ -15,7 +16,10 @@ The convolution: Theano's CorrMM copies each image's 5x5 patches into a matrix (
 and multiplies it with the filters; its im2col checks the padding bounds of every single
 element, 18% of the published network's training step (forward and filter gradient).
 CorrMM and CorrMM_gradWeights here are Theano's with an im2col that copies whole rows
-when there is no padding, stride or dilation; the same products follow.
+when there is no padding, stride or dilation; the same products follow.  Where the output
+maps are at most 32 columns wide, CorrMM skips the patch matrix: the direct correlation
+below sums each output row in registers from the image rows (each output over the patch in
+order, as OpenBLAS's FMA kernels do: the same bits here, rounding elsewhere).
 
 The filter gradient through disjoint max-pooling: the pooling's gradient is zero but at
 each window's maximum, so PooledFilterGrad sums gz times the patch under each maximum
