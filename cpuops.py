@@ -524,7 +524,7 @@ static int direct_correlate(const %(t)s* x, const %(t)s* w, %(t)s* out, const np
     const npy_intp Hc = H - kh + 1, Wc = W - kw + 1, K = C * kh * kw, FB = DIRECT_FILTERS;
     const npy_intp blocks = (F + FB - 1) / FB, plane = C * H * W;
     // filters in blocks of FB, the FB weights of one patch element together (zeros past F)
-    %(t)s* packed = (%(t)s*)calloc(blocks * K * FB, sizeof(%(t)s));
+    %(t)s* packed = (%(t)s*)calloc(blocks * K * FB + 1, sizeof(%(t)s));     // + 1: never calloc(0)
     if (!packed)
         return -1;
     for (npy_intp f = 0; f < F; f++)
@@ -602,7 +602,7 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
         return code + DIRECT_CORRELATION % dict(t='npy_float' if node.inputs[0].dtype == 'float32' else 'npy_double')
 
     def c_code_cache_version(self):        # raise it with any change to DIRECT_CORRELATION
-        return super().c_code_cache_version() + ('direct', 4)
+        return super().c_code_cache_version() + ('direct', 5)
 
     def c_code(self, node, nodename, inputs, outputs, sub):
         theirs = super().c_code(node, nodename, inputs, outputs, sub)
