@@ -498,8 +498,9 @@ class _RowsIm2col:
 
 
 # The forward correlation without a patch matrix, for maps of at most 32 columns: each output
-# row of a block of filters summed in registers (4 vectors of 8 columns a filter), reading the
-# image rows in place.  Per-image patch matrices cost a third of CorrMM's time.
+# row of a block of filters summed in registers (32 columns a filter: 2 vectors of 16 with
+# AVX-512, 4 of 8 without), reading the image rows in place.  Per-image patch matrices cost a
+# third of CorrMM's time.
 DIRECT_CORRELATION = """
 #ifdef __AVX512F__
 #define DIRECT_LANES 16         // 2 vectors a row of 32 columns
