@@ -17,9 +17,10 @@ and multiplies it with the filters; its im2col checks the padding bounds of ever
 element, 18% of the published network's training step (forward and filter gradient).
 CorrMM and CorrMM_gradWeights here are Theano's with an im2col that copies whole rows
 when there is no padding, stride or dilation; the same products follow.  Where the output
-maps are at most 32 columns wide, CorrMM skips the patch matrix: the direct correlation
-below sums each output row in registers from the image rows (each output over the patch in
-order, as OpenBLAS's FMA kernels do: the same bits here, rounding elsewhere).
+maps are at most 32 columns wide and the CPU has AVX-512, CorrMM skips the patch matrix:
+the direct correlation below sums each output row in registers from the image rows (each
+output over the patch in order, as OpenBLAS's FMA kernels do: the same bits here, rounding
+elsewhere).
 
 The filter gradient through disjoint max-pooling: the pooling's gradient is zero but at
 each window's maximum, so PooledFilterGrad sums gz times the patch under each maximum
@@ -498,17 +499,15 @@ class _RowsIm2col:
 
 
 # The forward correlation without a patch matrix, for maps of at most 32 columns: each output
-# row of a block of filters summed in registers (32 columns a filter: 2 vectors of 16 with
-# AVX-512, 4 of 8 without), reading the image rows in place.  Per-image patch matrices cost a
-# third of CorrMM's time.
+# row of a block of 8 filters summed in 16 vector registers (2 vectors of 16 columns a filter),
+# reading the image rows in place.  Per-image patch matrices cost a third of CorrMM's time.
+# Built only for CPUs with AVX-512 (32 vector registers): with AVX2's 16, the sums that fit
+# made it slower than Theano's im2col and OpenBLAS's Haswell kernels (1.09 / 1.28 of the time
+# with 16 / 64 filters), so there CorrMM stays Theano's.
 DIRECT_CORRELATION = """
 #ifdef __AVX512F__
 #define DIRECT_LANES 16         // 2 vectors a row of 32 columns
-#define DIRECT_FILTERS 8        // 16 sums in registers (32 vector registers)
-#else
-#define DIRECT_LANES 8          // 4 vectors a row
-#define DIRECT_FILTERS 2        // 8 sums (16 vector registers)
-#endif
+#define DIRECT_FILTERS 8        // 16 sums in registers
 #define DIRECT_VECTORS (32 / DIRECT_LANES)
 typedef %(t)s direct_vector __attribute__((vector_size(DIRECT_LANES * sizeof(%(t)s))));   // gcc's vector extension
 
@@ -583,12 +582,13 @@ static int direct_correlate(const %(t)s* x, const %(t)s* w, %(t)s* out, const np
     free(packed);
     return failed ? -1 : 0;
 }
+#endif
 """
 
 
 class CorrMM(_RowsIm2col, corr.CorrMM):
-    """Theano's CorrMM (the forward correlation) with the faster im2col, and the direct
-    correlation for valid, stride-1 maps of at most 32 columns; its filter gradients too."""
+    """Theano's CorrMM (the forward correlation) with the faster im2col, and, with AVX-512, the
+    direct correlation for valid, stride-1 maps of at most 32 columns; its filter gradients too."""
 
     def _plain(self):
         """Valid, stride 1, undilated, one group, shared filters: what the direct correlation and
@@ -603,7 +603,7 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
         return code + DIRECT_CORRELATION % dict(t='npy_float' if node.inputs[0].dtype == 'float32' else 'npy_double')
 
     def c_code_cache_version(self):        # raise it with any change to DIRECT_CORRELATION
-        return super().c_code_cache_version() + ('direct', 5)
+        return super().c_code_cache_version() + ('direct', 7)
 
     def c_code(self, node, nodename, inputs, outputs, sub):
         theirs = super().c_code(node, nodename, inputs, outputs, sub)
@@ -615,6 +615,7 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
         c['release'] = 'Py_XDECREF(xc); Py_XDECREF(wc);'
         c['alloc'] = _c_array(z, 'zdims', 'xc', c['release'] + c['fail'])
         return """
+        #ifdef __AVX512F__
         if (PyArray_NDIM(%(x)s) == 4 && PyArray_NDIM(%(w)s) == 4 && PyArray_DIMS(%(x)s)[1] == PyArray_DIMS(%(w)s)[1]
             && PyArray_DIMS(%(w)s)[2] <= PyArray_DIMS(%(x)s)[2]
             && PyArray_DIMS(%(x)s)[3] - 32 < PyArray_DIMS(%(w)s)[3] && PyArray_DIMS(%(w)s)[3] <= PyArray_DIMS(%(x)s)[3]) {
@@ -632,7 +633,9 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
                 %(fail)s
             }
             %(release)s
-        } else {
+        } else
+        #endif
+        {
         %(theirs)s
         }""" % c
 

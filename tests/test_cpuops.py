@@ -9,6 +9,7 @@ import cpuops
 import nnet
 import theano
 import theano.tensor as T
+from theano.gof.cmodule import GCC_compiler
 from theano.tensor.nnet import corr
 from theano.tensor.signal.pool import pool_2d
 
@@ -97,6 +98,18 @@ def np_correlate(x, W):
     return np.einsum('nchwij,fcij->nfhw', patches, W.astype(np.float64))
 
 
+class CorrMMWithoutAVX512(cpuops.CorrMM):
+    """CorrMM compiled as for a CPU without AVX-512: Theano's path, the direct one left out."""
+
+    def c_no_compile_args(self):            # the detected -march and AVX-512 flags
+        GCC_compiler.compile_args()
+        return [f for f in GCC_compiler.march_flags or [] if f.startswith(('-march=', '-mavx512'))]
+
+    def c_compile_args(self):
+        return super().c_compile_args() + ['-mno-avx512f']
+
+
+@pytest.mark.parametrize('op', [cpuops.CorrMM, CorrMMWithoutAVX512])
 @pytest.mark.parametrize('openmp', [False, True])
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])
 @pytest.mark.parametrize('shape, filters', [
@@ -105,12 +118,12 @@ def np_correlate(x, W):
     ((2, 1, 9, 16), (3, 4, 1)),                 # 16 columns, one filter row
     ((2, 2, 6, 5), (9, 6, 5)),                  # one output element a map
     ((1, 1, 3, 8), (1, 1, 1))])                 # 1x1 filter: 8 columns
-def test_direct_correlation_equals_numpys(shape, filters, dtype, openmp):
+def test_direct_correlation_equals_numpys(shape, filters, dtype, openmp, op):
     rng = np.random.RandomState(0)
     x = rng.randn(*shape).astype(dtype)
     W = rng.randn(filters[0], shape[1], *filters[1:]).astype(dtype)
     x_, W_ = T.tensor4(dtype=dtype), T.tensor4(dtype=dtype)
-    f = theano.function([x_, W_], cpuops.CorrMM('valid', (1, 1), openmp=openmp)(x_, W_))
+    f = theano.function([x_, W_], op('valid', (1, 1), openmp=openmp)(x_, W_))
     rtol = 1e-5 if dtype == 'float32' else 1e-12
     np.testing.assert_allclose(f(x, W), np_correlate(x, W), rtol=rtol, atol=rtol * 10)
     x_strided = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)     # not C-contiguous
