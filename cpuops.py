@@ -37,6 +37,7 @@ from theano.tensor.nnet import corr
 
 
 UNSIGNED = {'float32': 'npy_uint32', 'float64': 'npy_uint64'}    # same width: the gradient's masks
+NPY_FLOAT = {'float32': 'npy_float', 'float64': 'npy_double'}     # support code has no dtype_ typedefs
 
 
 def max_pool(x, ws, stride):
@@ -491,7 +492,7 @@ class _RowsIm2col:
         theirs, next_function = 'void im2col(const ', 'void col2im(const '
         if code.count(theirs) != 1 or code.count(next_function) != 1:
             raise RuntimeError('cpuops: Theano\'s corr_gemm.c is not 1.0.5\'s; install theano==1.0.5')
-        ours = FAST_IM2COL % dict(t='npy_float' if node.inputs[0].dtype == 'float32' else 'npy_double')
+        ours = FAST_IM2COL % dict(t=NPY_FLOAT[node.inputs[0].dtype])
         return code.replace(theirs, 'void im2col_theano(const ').replace(next_function, ours + next_function)
 
     def c_code_cache_version(self):        # raise it with any change to FAST_IM2COL
@@ -600,7 +601,7 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
         code = super().c_support_code_apply(node, nodename)
         if not self._plain():
             return code
-        return code + DIRECT_CORRELATION % dict(t='npy_float' if node.inputs[0].dtype == 'float32' else 'npy_double')
+        return code + DIRECT_CORRELATION % dict(t=NPY_FLOAT[node.inputs[0].dtype])
 
     def c_code_cache_version(self):        # raise it with any change to DIRECT_CORRELATION
         return super().c_code_cache_version() + ('direct', 7)
