@@ -1,0 +1,115 @@
+"""cpublas.py: Theano's Dot22 and Gemm with the dense kernel, against numpy in float64, and
+where Theano's optimizer puts them."""
+import numpy as np
+import pytest
+
+import machine  # noqa: F401  (first: Theano's flags)
+import convnet
+import cpublas
+import nnet
+import theano
+import theano.tensor as T
+from theano.tensor import blas
+from test_cpuops import WithoutAVX512
+
+
+class Dot22WithoutAVX512(WithoutAVX512, cpublas.Dot22):
+    """Our Dot22 built as for a CPU without AVX-512: Theano's BLAS call alone."""
+
+
+def products(f):
+    """The matrix-product ops of a compiled function, by class."""
+    return sorted((type(n.op).__module__, type(n.op).__name__) for n in f.maker.fgraph.apply_nodes
+                  if isinstance(n.op, (blas.Dot22, blas.Gemm)))
+
+
+def assert_product_close(ours, x, y, alpha=1.0, beta=0.0, z=None):
+    """ours == alpha x y + beta z to float32 rounding of sums of len(y) terms (numpy in float64)."""
+    x, y = x.astype('float64'), y.astype('float64')
+    want = alpha * x.dot(y) + (beta * z.astype('float64') if beta else 0)
+    scale = abs(alpha) * np.abs(x).dot(np.abs(y)) + (abs(beta) * np.abs(z) if beta else 0) + 1e-30
+    worst = np.max(np.abs(ours - want) / scale)
+    assert worst < 1e-5, 'off by %.3g of the summed magnitudes' % worst
+
+
+SHAPES = [  # (rows of x, columns of x, columns of y)
+    (100, 784, 1000),       # the published layer, forward: 31 full panels, then one of 8 columns
+    (100, 1000, 784),       # its input's gradient (its weights transposed: packed 16 x 16 at a time)
+    (784, 100, 1000),       # its weights' gradient
+    (3, 5, 40),             # fewer rows than a tile, fewer columns than a transposed block
+    (9, 2500, 33),          # three blocks of KC columns; the last panel 1 column wide
+    (17, 1, 64),            # one column
+    (4, 0, 48),             # no columns: zeros
+    (100, 1000, 10),        # narrower than a panel: Theano's BLAS branch
+    (2000, 100, 64),        # x's block over 512 KiB: Theano's BLAS branch
+]
+
+
+def stored(a, order):
+    """a with the same values, stored by rows ('C') or by columns ('F')."""
+    return np.ascontiguousarray(a) if order == 'C' else np.asfortranarray(a)
+
+
+@pytest.mark.parametrize('orders', ['CC', 'FC', 'CF', 'FF'])
+@pytest.mark.parametrize('M, K, N', SHAPES)
+def test_dot_equals_numpys(M, K, N, orders):
+    rng = np.random.RandomState(M + K + N)
+    x, y = rng.randn(M, K).astype('float32'), rng.randn(K, N).astype('float32')
+    x_, y_ = T.matrices('x', 'y')
+    f = theano.function([x_, y_], T.dot(x_, y_))
+    assert products(f) == [('cpublas', 'Dot22')]
+    assert_product_close(f(stored(x, orders[0]), stored(y, orders[1])), x, y)
+
+
+@pytest.mark.parametrize('order', ['C', 'F'])
+@pytest.mark.parametrize('M, K, N', [(784, 100, 1000), (40, 30, 35), (33, 1100, 8)])
+def test_momentum_update_in_place(M, K, N, order):
+    """v <- mu v - eta x y, as the Trainer's update: our Gemm, in v's own buffer (stored by
+    columns too: then computed transposed)."""
+    rng = np.random.RandomState(0)
+    x, y = rng.randn(M, K).astype('float32'), rng.randn(K, N).astype('float32')
+    v0 = stored(rng.randn(M, N).astype('float32'), order)
+    v = theano.shared(v0.copy(order='A'), borrow=True)
+    x_, y_ = T.matrices('x', 'y')
+    f = theano.function([x_, y_], [], updates=[(v, np.float32(0.9) * v - np.float32(0.01) * T.dot(x_, y_))])
+    assert products(f) == [('cpublas', 'Gemm')]
+    assert [n.op.destroy_map for n in f.maker.fgraph.apply_nodes if isinstance(n.op, cpublas.Gemm)] == [{0: [0]}]
+    f(x, y)
+    assert_product_close(v.get_value(borrow=True), x, y, alpha=-0.01, beta=0.9, z=v0)
+
+
+def test_beta_zero_ignores_old_values():
+    """As BLAS: with b = 0, z's old values are not read (NaN in z does not spread)."""
+    rng = np.random.RandomState(1)
+    x, y = rng.randn(20, 30).astype('float32'), rng.randn(30, 64).astype('float32')
+    z_, a_, x_, y_, b_ = T.matrix(), T.scalar(), T.matrix(), T.matrix(), T.scalar()
+    f = theano.function([z_, a_, x_, y_, b_], cpublas.Gemm(inplace=False)(z_, a_, x_, y_, b_))
+    out = f(np.full((20, 64), np.nan, 'float32'), np.float32(2), x, y, np.float32(0))
+    assert_product_close(out, x, y, alpha=2.0)
+
+
+@pytest.mark.parametrize('M, K, N', [(100, 784, 1000), (3, 5, 40)])
+def test_without_avx512_theanos_branch(M, K, N):
+    rng = np.random.RandomState(2)
+    x, y = rng.randn(M, K).astype('float32'), rng.randn(K, N).astype('float32')
+    x_, y_ = T.matrices('x', 'y')
+    f = theano.function([x_, y_], Dot22WithoutAVX512()(x_, y_))
+    assert_product_close(f(x, y), x, y)
+
+
+def test_float64_keeps_theanos_ops():
+    x_, y_ = T.dmatrices('x', 'y')
+    f = theano.function([x_, y_], T.dot(x_, y_))
+    assert products(f) == [('theano.tensor.blas', 'Dot22')]
+
+
+def test_the_published_step_uses_the_kernel():
+    """The training step's dense products: the three of the 784 x 1000 layer and the softmax
+    layer's are ours (the softmax layer's, 10 columns wide, then take Theano's branch)."""
+    rng = np.random.RandomState(0)
+    X, y = rng.randn(200, 3072).astype('float32'), rng.randint(0, 10, 200).astype('int32')
+    net = convnet.CNN(rng, (3, 32, 32), [(16, (5, 5), (4, 4), None)], [1000], 10)
+    trainer = nnet.Trainer(net, {'L': (X, y)}, 100, 0.01, 0.9, 0.0001, input_shape=(3, 32, 32))
+    assert set(products(trainer.train_fn)) == {('cpublas', 'Dot22'), ('cpublas', 'Gemm')}
+    assert len(products(trainer.train_fn)) == 6
+    assert products(trainer.eval_fn) == [('cpublas', 'Dot22')] * 2
