@@ -1,5 +1,5 @@
-"""cpublas.py: Theano's Dot22 and Gemm with the dense kernel, against numpy in float64, and
-where Theano's optimizer puts them."""
+"""cpublas.py: Theano's Dot22 and Gemm with the dense kernel, and the bias gradients' sums,
+against numpy in float64, and where Theano's optimizer puts them."""
 import numpy as np
 import pytest
 
@@ -17,10 +17,10 @@ class Dot22WithoutAVX512(WithoutAVX512, cpublas.Dot22):
     """Our Dot22 built as for a CPU without AVX-512: Theano's BLAS call alone."""
 
 
-def products(f):
-    """The matrix-product ops of a compiled function, by class."""
+def products(f, kinds=(blas.Dot22, blas.Gemm)):
+    """The matrix-product ops (or other kinds) of a compiled function, by class."""
     return sorted((type(n.op).__module__, type(n.op).__name__) for n in f.maker.fgraph.apply_nodes
-                  if isinstance(n.op, (blas.Dot22, blas.Gemm)))
+                  if isinstance(n.op, kinds))
 
 
 def assert_product_close(ours, x, y, alpha=1.0, beta=0.0, z=None):
@@ -113,3 +113,28 @@ def test_the_published_step_uses_the_kernel():
     assert set(products(trainer.train_fn)) == {('cpublas', 'Dot22'), ('cpublas', 'Gemm')}
     assert len(products(trainer.train_fn)) == 6
     assert products(trainer.eval_fn) == [('cpublas', 'Dot22')] * 2
+    # the bias gradients (the conv stage's threshold, the two dense layers' b) are ours; the
+    # cost's and the correct answers' sums over everything stay Theano's
+    sums = products(trainer.train_fn, (cpublas.ChannelSum, T.Sum))
+    assert sums == [('cpublas', 'ChannelSum')] * 3 + [('theano.tensor.elemwise', 'Sum')] * 2
+
+
+@pytest.mark.parametrize('shape', [(100, 1000), (100, 16, 7, 7), (3, 5), (2, 3, 1, 4), (0, 4), (4, 0, 2, 2)])
+def test_channel_sum_equals_numpys(shape):
+    """Every axis but 1 summed in float64, then rounded: numpy's float64 sum, rounded, exactly."""
+    axes = (0,) + tuple(range(2, len(shape)))
+    x = np.random.RandomState(3).randn(*shape).astype('float32') * 100
+    x_ = T.tensor(dtype='float32', broadcastable=(False,) * len(shape))
+    f = theano.function([x_], x_.sum(axis=axes))
+    assert products(f, (cpublas.ChannelSum, T.Sum)) == [('cpublas', 'ChannelSum')]
+    want = x.astype('float64').sum(axis=axes).astype('float32')
+    np.testing.assert_array_equal(f(x), want)
+    if len(shape) == 2 and x.size:                  # strided: summed from a contiguous copy
+        np.testing.assert_array_equal(f(x[::2, ::-1]), x[::2, ::-1].astype('float64').sum(axis=0).astype('float32'))
+
+
+def test_other_sums_keep_theanos_op():
+    x, x4, d = T.matrix(), T.tensor4(), T.dmatrix()
+    for out in (x.sum(axis=1), x4.sum(axis=(0, 1)), x.sum(), d.sum(axis=0), x.sum(axis=0, acc_dtype='float32')):
+        assert products(theano.function([v for v in (x, x4, d) if v in theano.gof.graph.inputs([out])], out),
+                        (cpublas.ChannelSum, T.Sum)) == [('theano.tensor.elemwise', 'Sum')]
