@@ -45,8 +45,15 @@ typedef float dense_vector __attribute__((vector_size(64)));
 typedef float dense_unaligned __attribute__((vector_size(64), aligned(4)));
 typedef int dense_indices __attribute__((vector_size(64)));
 
+// Whether B packed whole (K x N rounded up to panels) fits the cache: then by row blocks.
+static int dense_by_rows(npy_intp N, npy_intp K) {
+    return K <= DENSE_KC && K * ((N + DENSE_COLUMNS - 1) / DENSE_COLUMNS) * DENSE_COLUMNS <= DENSE_CACHED;
+}
+
+// Whether dense_gemm is the faster: wide enough for panels, and by row blocks (A read once) or
+// A's block of up to KC columns within the cache (read again for each panel).
 static int dense_suits(npy_intp M, npy_intp N, npy_intp K) {
-    return N >= DENSE_COLUMNS && M * (K < DENSE_KC ? K : DENSE_KC) <= DENSE_CACHED;
+    return N >= DENSE_COLUMNS && (dense_by_rows(N, K) || M * (K < DENSE_KC ? K : DENSE_KC) <= DENSE_CACHED);
 }
 
 // 16 rows of 16 floats (row r at from + r * step) to 16 columns (column r at to + r, rows
@@ -167,7 +174,7 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
                       const float* b, npy_intp rsb, npy_intp csb, float beta, float* c, npy_intp ldc) {
     const npy_intp row_blocks = (M + DENSE_ROWS - 1) / DENSE_ROWS, panels = (N + DENSE_COLUMNS - 1) / DENSE_COLUMNS;
     const npy_intp kc_max = K < DENSE_KC ? K : DENSE_KC;
-    const int by_rows = K <= DENSE_KC && K * panels * DENSE_COLUMNS <= DENSE_CACHED;
+    const int by_rows = dense_by_rows(N, K);
     float* all = by_rows ? (float*)aligned_alloc(64, (K + 1) * panels * DENSE_COLUMNS * sizeof(float)) : NULL;
     if (by_rows && !all)
         return -1;
@@ -263,7 +270,7 @@ class _Dense:
         return super().c_compile_args() + ['-fopenmp']
 
     def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or OURS_FIRST
-        return super().c_code_cache_version() + ('dense', 8)
+        return super().c_code_cache_version() + ('dense', 9)
 
 
 class Dot22(_Dense, blas.Dot22):

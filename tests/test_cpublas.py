@@ -41,7 +41,8 @@ SHAPES = [  # (rows of x, columns of x, columns of y)
     (17, 1, 64),            # one column
     (4, 0, 48),             # no columns: zeros
     (100, 1000, 10),        # narrower than a panel: Theano's BLAS branch
-    (2000, 100, 64),        # x's block over 512 KiB: Theano's BLAS branch
+    (3000, 100, 70),        # by row blocks, y packed whole; the last panel 6 columns wide
+    (300, 1100, 40),        # x's block over 512 KiB, y too large to pack whole: Theano's BLAS branch
 ]
 
 
