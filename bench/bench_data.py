@@ -17,6 +17,9 @@ import cifar10  # noqa: E402
 
 
 def main(argv):
+    if len(argv) > 1 and argv[1].startswith('-'):
+        print(__doc__)
+        return
     source = os.path.join(argv[1] if len(argv) > 1 else cifar10.default_datadir(), cifar10.FOLDER)
     tmp = tempfile.mkdtemp(prefix='bench-data-')
     try:

@@ -83,7 +83,8 @@ def twin(config, nepoch, datadir):
 
 
 def main(argv):
-    opts = dict(a[2:].split('=', 1) for a in argv if a.startswith('--'))
+    import bench_train
+    opts = bench_train.options(argv, __doc__)
     nepoch = int(opts.get('nepoch', 3))
     if not 1 <= nepoch <= 5:            # the twin logs (evaluates) every epoch, as the driver does up to 5
         sys.exit('error: --nepoch=%d: needs 1 to 5' % nepoch)

@@ -135,8 +135,19 @@ def measure(side, config, batches, rounds, torch_device, conv):
     return min(run() for _ in range(rounds))
 
 
+def options(argv, usage):
+    """The --name=value arguments as a dict; -h or --help prints the usage, anything else stops."""
+    if any(a in ('-h', '--help') for a in argv):
+        print(usage)
+        sys.exit(0)
+    wrong = [a for a in argv if not (a.startswith('--') and '=' in a)]
+    if wrong:
+        sys.exit('error: %s: arguments are --name=value (see --help)' % ' '.join(wrong))
+    return dict(a[2:].split('=', 1) for a in argv)
+
+
 def main(argv):
-    opts = dict(a[2:].split('=', 1) for a in argv if a.startswith('--'))
+    opts = options(argv, __doc__)
     configs = opts.get('configs', ','.join(CONFIGS)).split(',')
     batches = int(opts.get('batches', 100))
     repeats = int(opts.get('repeats', 3))

@@ -1,0 +1,26 @@
+"""The benchmarks' command lines (their figures are measured by running them, not tested)."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+import bench_train  # noqa: E402
+
+
+def test_options_read_name_value_pairs():
+    assert bench_train.options(['--configs=64,default', '--batches=20'], 'usage') == {
+        'configs': '64,default', 'batches': '20'}
+
+
+def test_help_prints_the_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench_train.options(['--batches=20', '--help'], 'usage: the docstring')
+    assert stop.value.code == 0 and capsys.readouterr().out == 'usage: the docstring\n'
+
+
+@pytest.mark.parametrize('argv', [['--nepoch'], ['nepoch=2'], ['--configs=64', '-x']])
+def test_anything_else_stops_with_the_remedy(argv):
+    with pytest.raises(SystemExit) as stop:
+        bench_train.options(argv, 'usage')
+    assert 'arguments are --name=value (see --help)' in str(stop.value.code)
