@@ -206,11 +206,13 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
                 failed = 1;
             }
             // the first operand's columns in blocks of KC, outermost: its block stays in the cache
-            for (npy_intp k0 = 0; panel && (k0 < K || k0 == 0); k0 += DENSE_KC) {
+            for (npy_intp k0 = 0; k0 < K || k0 == 0; k0 += DENSE_KC) {
                 const npy_intp kc = K - k0 < DENSE_KC ? K - k0 : DENSE_KC;
                 const float scale = k0 ? 1.0f : beta;   // later blocks add to the first one's sums
                 #pragma omp for schedule(static) nowait
                 for (npy_intp p = 0; p < panels; p++) {     // a thread keeps its panels for every block
+                    if (!panel)                             // every thread meets every loop, as OpenMP asks
+                        continue;
                     const npy_intp n = N - p * DENSE_COLUMNS < DENSE_COLUMNS ? N - p * DENSE_COLUMNS : DENSE_COLUMNS;
                     dense_pack(kc, n, b + k0 * rsb + p * DENSE_COLUMNS * csb, rsb, csb, panel);
                     const int next_full = N - (p + 1) * DENSE_COLUMNS >= DENSE_COLUMNS;
@@ -273,7 +275,7 @@ class _Dense:
         return super().c_compile_args() + ['-fopenmp']
 
     def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or OURS_FIRST
-        return super().c_code_cache_version() + ('dense', 10)
+        return super().c_code_cache_version() + ('dense', 11)
 
 
 class Dot22(_Dense, blas.Dot22):
