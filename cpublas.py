@@ -275,7 +275,7 @@ class _Dense:
         return super().c_compile_args() + ['-fopenmp']
 
     def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or OURS_FIRST
-        return super().c_code_cache_version() + ('dense', 11)
+        return super().c_code_cache_version() + ('dense', 12)
 
 
 class Dot22(_Dense, blas.Dot22):
