@@ -7,7 +7,8 @@ For each configuration, alternating processes (so that a noisy neighbour hits bo
     it (its own BLAS and thread set-up, the published evaluation passes);
   - the twin: the same network, initialisation scale, update rule, minibatch order, data
     (cifar10.load, the same ZCA cache) and the same log (epoch 0 evaluates L and V; every
-    logged epoch trains, then evaluates L and V), in PyTorch with as many threads.
+    logged epoch trains, then evaluates L and V, in minibatches of EVAL_ROWS as the driver),
+    in PyTorch with as many threads.
 Both logs carry the elapsed seconds at each row; the figure is (elapsed at epoch N - at
 epoch 0) / N, i.e. one training pass and its evaluations, best of --repeats.  With
 --nepoch up to 5 every epoch is logged, as at the start of the published run.
@@ -62,16 +63,17 @@ def twin(config, nepoch, datadir):
     def sweep(name, train):
         X, y = splits[name]
         cost = correct = 0.0
-        for i in range(0, len(y), batch):
+        rows = batch if train else max(batch, bench_train.EVAL_ROWS)     # as the driver
+        for i in range(0, len(y), rows):
             with torch.set_grad_enabled(train):
-                out = logits(X[i:i + batch])
-                loss = fn.cross_entropy(out, y[i:i + batch], reduction='sum')
+                out = logits(X[i:i + rows])
+                loss = fn.cross_entropy(out, y[i:i + rows], reduction='sum')
             if train:
                 opt.zero_grad()
                 (loss / len(out)).backward()
                 opt.step()
             cost += float(loss)
-            correct += float((out.argmax(1) == y[i:i + batch]).sum())
+            correct += float((out.argmax(1) == y[i:i + rows]).sum())
         return cost / len(y), 100.0 * correct / len(y)
 
     t0 = time.time()

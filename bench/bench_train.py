@@ -36,6 +36,7 @@ CONFIGS = {  # name: (filters, pool window, pool stride)
     '64-overlap': (64, (4, 4), (2, 2)),
 }
 NL, BATCH, XDIM, H2, K = 40000, 100, (3, 32, 32), 1000, 10
+EVAL_ROWS = 500     # the driver's evaluation minibatches (nnet.EVAL_ROWS; this module imports no Theano)
 ETA, MU, LAM = 0.01, 0.9, 0.0001
 
 

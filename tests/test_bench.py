@@ -24,3 +24,8 @@ def test_anything_else_stops_with_the_remedy(argv):
     with pytest.raises(SystemExit) as stop:
         bench_train.options(argv, 'usage')
     assert 'arguments are --name=value (see --help)' in str(stop.value.code)
+
+
+def test_the_twin_evaluates_in_the_drivers_minibatches():
+    import nnet
+    assert bench_train.EVAL_ROWS == nnet.EVAL_ROWS

@@ -134,15 +134,29 @@ def test_mlp_learns_a_separable_problem_and_eta_changes_without_recompiling():
 
 
 def test_evaluation_in_minibatches_weights_a_short_last_batch_right():
-    X, y = small_problem(107)
+    n = 2 * nnet.EVAL_ROWS + 107
+    X, y = small_problem(n)
     net = nnet.MLP(np.random.RandomState(0), 6, [5], 3)
     trainer = nnet.Trainer(net, {'V': (X, y)}, 25, 0.1, 0.9, 0.0)
-    assert trainer.batches('V')[-1] == (100, 107)
+    assert trainer.batches('V')[-1] == (n - 7, n)                   # training: batchsize rows
+    compiled, calls = trainer.eval_fn, []
+    trainer.eval_fn = lambda i, j: calls.append((i, j)) or compiled(i, j)
     W1, b1, W2, b2 = [p.get_value() for p in net.params]
     p = softmax(np.maximum(X @ W1 + b1, 0) @ W2 + b2)
     cost, acc = trainer.evaluate('V')
-    assert cost == pytest.approx(-np.log(p[np.arange(107), y]).mean(), rel=1e-4)
+    e = nnet.EVAL_ROWS                                              # evaluation: EVAL_ROWS rows
+    assert calls == [(0, e), (e, 2 * e), (2 * e, n)]
+    assert cost == pytest.approx(-np.log(p[np.arange(n), y]).mean(), rel=1e-4)
     assert acc == pytest.approx(100.0 * (p.argmax(1) == y).mean())
+
+
+def test_evaluation_takes_the_training_batchsize_when_larger():
+    X, y = small_problem(1300)
+    trainer = nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), {'V': (X, y)}, 650, 0.1, 0.9, 0.0)
+    compiled, calls = trainer.eval_fn, []
+    trainer.eval_fn = lambda i, j: calls.append((i, j)) or compiled(i, j)
+    trainer.evaluate('V')
+    assert calls == [(0, 650), (650, 1300)]
 
 
 def test_save_and_load_round_trip(tmp_path):
