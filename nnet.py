@@ -17,7 +17,7 @@ import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402
 import theano.tensor as T                            # noqa: E402
 
-import cpublas                                       # noqa: E402,F401  (the dense products' kernel, on import)
+import cpublas                                       # noqa: E402,F401  (registers its ops with Theano's optimizer)
 
 machine.reuse_compiled_modules()
 floatX = theano.config.floatX
