@@ -45,6 +45,10 @@ typedef float dense_vector __attribute__((vector_size(64)));
 typedef float dense_unaligned __attribute__((vector_size(64), aligned(4)));
 typedef int dense_indices __attribute__((vector_size(64)));
 
+static inline npy_intp dense_min(npy_intp a, npy_intp b) {
+    return a < b ? a : b;
+}
+
 // Whether B packed whole (K x N rounded up to panels) fits the cache: then by row blocks.
 static int dense_by_rows(npy_intp N, npy_intp K) {
     return K <= DENSE_KC && K * ((N + DENSE_COLUMNS - 1) / DENSE_COLUMNS) * DENSE_COLUMNS <= DENSE_CACHED;
@@ -53,7 +57,7 @@ static int dense_by_rows(npy_intp N, npy_intp K) {
 // Whether dense_gemm is the faster: wide enough for panels, and by row blocks (A read once) or
 // A's block of up to KC columns within the cache (read again for each panel).
 static int dense_suits(npy_intp M, npy_intp N, npy_intp K) {
-    return N >= DENSE_COLUMNS && (dense_by_rows(N, K) || M * (K < DENSE_KC ? K : DENSE_KC) <= DENSE_CACHED);
+    return N >= DENSE_COLUMNS && (dense_by_rows(N, K) || M * dense_min(K, DENSE_KC) <= DENSE_CACHED);
 }
 
 // 16 rows of 16 floats (row r at from + r * step) to 16 columns (column r at to + r, rows
@@ -176,7 +180,7 @@ static inline void dense_block(npy_intp kc, const float* a, npy_intp rsa, npy_in
 static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const float* a, npy_intp rsa, npy_intp csa,
                       const float* b, npy_intp rsb, npy_intp csb, float beta, float* c, npy_intp ldc) {
     const npy_intp row_blocks = (M + DENSE_ROWS - 1) / DENSE_ROWS, panels = (N + DENSE_COLUMNS - 1) / DENSE_COLUMNS;
-    const npy_intp kc_max = K < DENSE_KC ? K : DENSE_KC;
+    const npy_intp kc_max = dense_min(K, DENSE_KC);
     const int by_rows = dense_by_rows(N, K);
     float* all = by_rows ? (float*)aligned_alloc(64, (K + 1) * panels * DENSE_COLUMNS * sizeof(float)) : NULL;
     if (by_rows && !all)
@@ -187,14 +191,14 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
         if (by_rows) {
             #pragma omp for schedule(static)
             for (npy_intp p = 0; p < panels; p++) {
-                const npy_intp n = N - p * DENSE_COLUMNS < DENSE_COLUMNS ? N - p * DENSE_COLUMNS : DENSE_COLUMNS;
+                const npy_intp n = dense_min(N - p * DENSE_COLUMNS, DENSE_COLUMNS);
                 dense_pack(K, n, b + p * DENSE_COLUMNS * csb, rsb, csb, all + p * K * DENSE_COLUMNS);
             }
             #pragma omp for schedule(static)
             for (npy_intp r = 0; r < row_blocks; r++) {
-                const int m = M - r * DENSE_ROWS < DENSE_ROWS ? M - r * DENSE_ROWS : DENSE_ROWS;
+                const int m = (int)dense_min(M - r * DENSE_ROWS, DENSE_ROWS);
                 for (npy_intp p = 0; p < panels; p++) {
-                    const npy_intp n = N - p * DENSE_COLUMNS < DENSE_COLUMNS ? N - p * DENSE_COLUMNS : DENSE_COLUMNS;
+                    const npy_intp n = dense_min(N - p * DENSE_COLUMNS, DENSE_COLUMNS);
                     dense_block(K, a + r * DENSE_ROWS * rsa, rsa, csa, all + p * K * DENSE_COLUMNS,
                                 c + r * DENSE_ROWS * ldc + p * DENSE_COLUMNS, ldc, m, n, alpha, beta);
                 }
@@ -207,19 +211,19 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
             }
             // the first operand's columns in blocks of KC, outermost: its block stays in the cache
             for (npy_intp k0 = 0; k0 < K || k0 == 0; k0 += DENSE_KC) {
-                const npy_intp kc = K - k0 < DENSE_KC ? K - k0 : DENSE_KC;
+                const npy_intp kc = dense_min(K - k0, DENSE_KC);
                 const float scale = k0 ? 1.0f : beta;   // later blocks add to the first one's sums
                 #pragma omp for schedule(static) nowait
                 for (npy_intp p = 0; p < panels; p++) {     // a thread keeps its panels for every block
                     if (!panel)                             // every thread meets every loop, as OpenMP asks
                         continue;
-                    const npy_intp n = N - p * DENSE_COLUMNS < DENSE_COLUMNS ? N - p * DENSE_COLUMNS : DENSE_COLUMNS;
+                    const npy_intp n = dense_min(N - p * DENSE_COLUMNS, DENSE_COLUMNS);
                     dense_pack(kc, n, b + k0 * rsb + p * DENSE_COLUMNS * csb, rsb, csb, panel);
                     const int next_full = N - (p + 1) * DENSE_COLUMNS >= DENSE_COLUMNS;
                     for (npy_intp r = 0; r < row_blocks; r++) {
                         if (next_full)
                             dense_prefetch(kc, b + k0 * rsb + (p + 1) * DENSE_COLUMNS * csb, rsb, csb, r, row_blocks);
-                        const int m = M - r * DENSE_ROWS < DENSE_ROWS ? M - r * DENSE_ROWS : DENSE_ROWS;
+                        const int m = (int)dense_min(M - r * DENSE_ROWS, DENSE_ROWS);
                         float* tile = c + r * DENSE_ROWS * ldc + p * DENSE_COLUMNS;
                         for (npy_intp i = DENSE_ROWS; i < 2 * DENSE_ROWS && r * DENSE_ROWS + i < M && n == DENSE_COLUMNS; i++) {
                             __builtin_prefetch(tile + i * ldc, 1);       // the next tile's rows of c
@@ -275,7 +279,7 @@ class _Dense:
         return super().c_compile_args() + ['-fopenmp']
 
     def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or OURS_FIRST
-        return super().c_code_cache_version() + ('dense', 12)
+        return super().c_code_cache_version() + ('dense', 13)
 
 
 class Dot22(_Dense, blas.Dot22):

@@ -26,6 +26,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 import machine  # noqa: E402,F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
+import bench_train  # noqa: E402  (the configurations, the twin's network, --name=value options)
 import numpy as np  # noqa: E402
 
 ROW = re.compile(r'^(\d+) \| .* \| ([\d.]+) s$', re.M)
@@ -33,7 +34,6 @@ ROW = re.compile(r'^(\d+) \| .* \| ([\d.]+) s$', re.M)
 
 def overrides(config):
     """The driver's --name=value settings for one of bench_train's configurations."""
-    import bench_train
     filters, ds, st = bench_train.CONFIGS[config]
     return ['--W1dim=(%d,5,5)' % filters, '--ds1=(%d,%d)' % ds] + (['--st1=(%d,%d)' % st] if st else [])
 
@@ -47,7 +47,6 @@ def seconds_per_epoch(log, nepoch):
 
 def twin(config, nepoch, datadir):
     """The twin's run, printing rows `epoch | costL accL | costV accV | seconds` as the driver does."""
-    import bench_train
     bench_train.as_pytorch_runs(USER_ENV)
     import torch
     import torch.nn.functional as fn
@@ -85,7 +84,6 @@ def twin(config, nepoch, datadir):
 
 
 def main(argv):
-    import bench_train
     opts = bench_train.options(argv, __doc__)
     nepoch = int(opts.get('nepoch', 3))
     if not 1 <= nepoch <= 5:            # the twin logs (evaluates) every epoch, as the driver does up to 5
