@@ -88,7 +88,7 @@ class PoolLayer:
             pooled = pool_2d(x, ws=self.ds, stride=self.st, ignore_border=True, mode='max')
         else:
             pooled = cpuops.max_pool(x, self.ds, self.st)
-        return nnet.ACTIVATIONS[self.activation](pooled + self.b.dimshuffle('x', 0, 'x', 'x'))
+        return nnet.activate(self.activation, pooled, self.b)
 
 
 class FlattenLayer:

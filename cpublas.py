@@ -1,5 +1,6 @@
 """The dense layers' float32 matrix products on CPUs with AVX-512 (Theano's Dot22 and Gemm
-with their own kernel in place of the BLAS call where it is faster), and the bias gradients' sums.
+with their own kernel in place of the BLAS call where it is faster), the momentum update in one
+pass (with the weights' gradient, in the same kernel), and the bias gradients' sums.
 
 Why: a training step of the published network spends about half its time in three products of
 the 784 x 1000 layer (forward, its weights' gradient, its input's gradient), each with one side
@@ -11,29 +12,31 @@ summed in 16 vector registers (gcc vector extensions, no intrinsics), from the s
 32 columns copied together first (transposed 16 x 16 at a time where it is stored by columns)
 and the first operand read in place.  Each thread takes whole 32-column panels of the result,
 or, where the second operand fits the cache packed (the weights' gradient: 100 rows), whole
-8-row blocks: then each thread writes the half of the rows that the same thread of Theano's
-elementwise ops reads next (the momentum update), and the update ran twice as fast as after
-column panels.  Measured on the AMD EPYC of RESULTS.md, hot caches, one process: 0.81-0.87 ms
+8-row blocks.  Measured on the AMD EPYC of RESULTS.md, hot caches, one process: 0.81-0.87 ms
 against OpenBLAS's 0.92-1.04 ms for each product; inside the training step (Theano's profile):
 0.98 and 0.99 ms (forward, input gradient) and 0.87 ms (the weights' gradient into the momentum)
 against 1.10-1.12 ms.
 
-Where it is used: float32, the result at least 32 columns wide, and the first operand's rows
-times at most KC of its columns within 512 KiB (read again for each panel, it must stay in
-the core's cache).  Larger first operands (the weights' gradient with 64 filters), narrow
-results (the 10-way softmax layer), float64 and CPUs without AVX-512 keep Theano's call to the
+Where it is used: float32, the result at least 32 columns wide, and either the second operand
+packed within 512 KiB or the first operand's rows times at most KC of its columns within 512 KiB
+(read again for each panel, it must stay in the core's cache).  Narrow results (the 10-way
+softmax layer), larger operands, float64 and CPUs without AVX-512 keep Theano's call to the
 BLAS: the same op, its other branch.  The sums run in another order than OpenBLAS's (over the
 columns of the first operand in blocks of KC), so results differ by float rounding.
 
-ChannelSum: see its docstring.  Both are Theano optimizations registered when this module is
-imported (nnet.py does), run after Theano's own (its BLAS ones included); the products' only
-where Theano runs with a BLAS and OpenMP (machine.py's default).
+The momentum update (momentum(), MomentumUpdate, MomentumGemm): see momentum().  ChannelSum: see
+its docstring.  All are Theano optimizations registered when this module is imported (nnet.py
+does), run after Theano's own (its BLAS ones included); the products' only where Theano runs
+with a BLAS and OpenMP (machine.py's default).
 """
-import theano
-import theano.tensor as T
-from theano.compile import optdb
-from theano.gof.opt import in2out, local_optimizer
-from theano.tensor import blas
+import machine                                       # first: Theano's flags
+
+import theano                                        # noqa: E402
+import theano.tensor as T                            # noqa: E402
+from theano.compile import optdb                     # noqa: E402
+from theano.gof import InconsistencyError, OpenMPOp, Optimizer, toolbox  # noqa: E402
+from theano.gof.opt import in2out, local_optimizer                       # noqa: E402
+from theano.tensor import blas                                           # noqa: E402
 
 DENSE_GEMM = r"""
 #ifdef __AVX512F__
@@ -118,10 +121,19 @@ static inline void dense_prefetch(npy_intp kc, const float* b, npy_intp rsb, npy
     }
 }
 
+// Asks for the cache lines of 32 floats at `row` (two, or three unaligned), to be written.
+static inline void dense_prefetch_row(const float* row) {
+    __builtin_prefetch(row, 1);
+    __builtin_prefetch(row + 16, 1);
+    __builtin_prefetch(row + 31, 1);
+}
+
 // c[0:m][0:32] (rows ldc apart) = alpha * sum over k < kc of A[i][k] panel[k] + beta * c, with
-// A[i][k] at a[i * rsa + k * csa]; rows past m are computed from row 0 and not stored.
+// A[i][k] at a[i * rsa + k * csa]; rows past m are computed from row 0 and not stored.  With a
+// parameter w (rows ldc apart as c's; else NULL), the momentum update's last two terms as well:
+// c += d * w, then w += c.
 static inline void dense_tile(npy_intp kc, const float* a, npy_intp rsa, npy_intp csa, const float* panel,
-                              float* c, npy_intp ldc, int m, float alpha, float beta) {
+                              float* c, npy_intp ldc, int m, float alpha, float beta, float* w, float d) {
     dense_vector sums[DENSE_ROWS][2];
     const float* rows[DENSE_ROWS];
     for (int i = 0; i < DENSE_ROWS; i++) {
@@ -144,41 +156,58 @@ static inline void dense_tile(npy_intp kc, const float* a, npy_intp rsa, npy_int
             break;
         dense_unaligned* c0 = (dense_unaligned*)(c + i * ldc);
         dense_unaligned* c1 = (dense_unaligned*)(c + i * ldc + 16);
-        if (beta == 0) {                            // as BLAS: c's old values (NaN too) not read
-            *c0 = alpha * sums[i][0];
-            *c1 = alpha * sums[i][1];
-        } else {
-            *c0 = beta * *c0 + alpha * sums[i][0];
-            *c1 = beta * *c1 + alpha * sums[i][1];
+        dense_vector s0 = alpha * sums[i][0], s1 = alpha * sums[i][1];
+        if (beta != 0) {                            // as BLAS: with beta 0, c's old values (NaN too) not read
+            s0 += beta * *c0;
+            s1 += beta * *c1;
         }
+        if (w) {
+            dense_unaligned* w0 = (dense_unaligned*)(w + i * ldc);
+            dense_unaligned* w1 = (dense_unaligned*)(w + i * ldc + 16);
+            if (d != 0) {                           // no decay: no 0 * w (NaN for an infinite w)
+                s0 += d * *w0;
+                s1 += d * *w1;
+            }
+            *w0 += s0;
+            *w1 += s1;
+        }
+        *c0 = s0;
+        *c1 = s1;
     }
 }
 
 // c[0:m][0:n] (rows ldc apart) as dense_tile, for a panel of n <= 32 columns.
 static inline void dense_block(npy_intp kc, const float* a, npy_intp rsa, npy_intp csa, const float* panel,
-                               float* c, npy_intp ldc, int m, npy_intp n, float alpha, float beta) {
+                               float* c, npy_intp ldc, int m, npy_intp n, float alpha, float beta, float* w, float d) {
     if (n == DENSE_COLUMNS) {
-        dense_tile(kc, a, rsa, csa, panel, c, ldc, m, alpha, beta);
+        dense_tile(kc, a, rsa, csa, panel, c, ldc, m, alpha, beta, w, d);
         return;
     }
-    float edge[DENSE_ROWS * DENSE_COLUMNS];         // the last, narrower panel's tile
+    float edge[DENSE_ROWS * DENSE_COLUMNS] = {0}, edge_w[DENSE_ROWS * DENSE_COLUMNS] = {0};   // the last, narrower panel's tile
     for (int i = 0; i < m; i++)
-        for (npy_intp j = 0; j < n; j++)
+        for (npy_intp j = 0; j < n; j++) {
             edge[i * DENSE_COLUMNS + j] = c[i * ldc + j];
-    dense_tile(kc, a, rsa, csa, panel, edge, DENSE_COLUMNS, m, alpha, beta);
+            edge_w[i * DENSE_COLUMNS + j] = w ? w[i * ldc + j] : 0;
+        }
+    dense_tile(kc, a, rsa, csa, panel, edge, DENSE_COLUMNS, m, alpha, beta, w ? edge_w : NULL, d);
     for (int i = 0; i < m; i++)
-        for (npy_intp j = 0; j < n; j++)
+        for (npy_intp j = 0; j < n; j++) {
             c[i * ldc + j] = edge[i * DENSE_COLUMNS + j];
+            if (w)
+                w[i * ldc + j] = edge_w[i * DENSE_COLUMNS + j];
+        }
 }
 
 // C (M x N, rows ldc apart, unit columns) = alpha * A B + beta * C, A[i][k] at a[i * rsa + k * csa],
-// B[k][j] at b[k * rsb + j * csb].  0 on success, -1 out of memory.
+// B[k][j] at b[k * rsb + j * csb]; with w (a parameter stored as C; else NULL), then C += d * w
+// and w += C, the momentum update.  0 on success, -1 out of memory.
 // Where all of B packed fits the cache (the weights' gradient: 100 rows), it is packed once and
 // each OpenMP thread takes whole 8-row blocks of C: a thread then writes the same half of C's rows
 // as Theano's elementwise ops, on two threads, next read (the momentum update).  Otherwise each
 // thread takes whole 32-column panels of C, packing each panel of B as it comes.
 static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const float* a, npy_intp rsa, npy_intp csa,
-                      const float* b, npy_intp rsb, npy_intp csb, float beta, float* c, npy_intp ldc) {
+                      const float* b, npy_intp rsb, npy_intp csb, float beta, float* c, npy_intp ldc,
+                      float* w, float d) {
     const npy_intp row_blocks = (M + DENSE_ROWS - 1) / DENSE_ROWS, panels = (N + DENSE_COLUMNS - 1) / DENSE_COLUMNS;
     const npy_intp kc_max = dense_min(K, DENSE_KC);
     const int by_rows = dense_by_rows(N, K);
@@ -199,8 +228,16 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
                 const int m = (int)dense_min(M - r * DENSE_ROWS, DENSE_ROWS);
                 for (npy_intp p = 0; p < panels; p++) {
                     const npy_intp n = dense_min(N - p * DENSE_COLUMNS, DENSE_COLUMNS);
+                    if (N - (p + 1) * DENSE_COLUMNS >= DENSE_COLUMNS) {     // the next tile's rows of c and w
+                        float* next = c + r * DENSE_ROWS * ldc + (p + 1) * DENSE_COLUMNS;
+                        for (npy_intp at = 0; at < m * ldc; at += ldc)
+                            dense_prefetch_row(next + at);
+                        for (npy_intp at = 0; w && at < m * ldc; at += ldc)
+                            dense_prefetch_row(w + (next - c) + at);
+                    }
                     dense_block(K, a + r * DENSE_ROWS * rsa, rsa, csa, all + p * K * DENSE_COLUMNS,
-                                c + r * DENSE_ROWS * ldc + p * DENSE_COLUMNS, ldc, m, n, alpha, beta);
+                                c + r * DENSE_ROWS * ldc + p * DENSE_COLUMNS, ldc, m, n, alpha, beta,
+                                w ? w + r * DENSE_ROWS * ldc + p * DENSE_COLUMNS : NULL, d);
                 }
             }
         } else {
@@ -213,6 +250,7 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
             for (npy_intp k0 = 0; k0 < K || k0 == 0; k0 += DENSE_KC) {
                 const npy_intp kc = dense_min(K - k0, DENSE_KC);
                 const float scale = k0 ? 1.0f : beta;   // later blocks add to the first one's sums
+                float* last_w = k0 + kc >= K ? w : NULL;   // the update's terms once, with the last block
                 #pragma omp for schedule(static) nowait
                 for (npy_intp p = 0; p < panels; p++) {     // a thread keeps its panels for every block
                     if (!panel)                             // every thread meets every loop, as OpenMP asks
@@ -225,11 +263,10 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
                             dense_prefetch(kc, b + k0 * rsb + (p + 1) * DENSE_COLUMNS * csb, rsb, csb, r, row_blocks);
                         const int m = (int)dense_min(M - r * DENSE_ROWS, DENSE_ROWS);
                         float* tile = c + r * DENSE_ROWS * ldc + p * DENSE_COLUMNS;
-                        for (npy_intp i = DENSE_ROWS; i < 2 * DENSE_ROWS && r * DENSE_ROWS + i < M && n == DENSE_COLUMNS; i++) {
-                            __builtin_prefetch(tile + i * ldc, 1);       // the next tile's rows of c
-                            __builtin_prefetch(tile + i * ldc + 16, 1);
-                        }
-                        dense_block(kc, a + r * DENSE_ROWS * rsa + k0 * csa, rsa, csa, panel, tile, ldc, m, n, alpha, scale);
+                        for (npy_intp i = DENSE_ROWS; i < 2 * DENSE_ROWS && r * DENSE_ROWS + i < M && n == DENSE_COLUMNS; i++)
+                            dense_prefetch_row(tile + i * ldc);         // the next tile's rows of c
+                        dense_block(kc, a + r * DENSE_ROWS * rsa + k0 * csa, rsa, csa, panel, tile, ldc, m, n, alpha, scale,
+                                    last_w ? last_w + (tile - c) : NULL, d);
                     }
                 }
             }
@@ -245,8 +282,10 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
 # Theano's float32 case (GemmRelated.case_float_gemm) with ours first.  Its set-up before this
 # point has checked the shapes, copied operands without a unit stride, and computed a, b, the
 # element strides sx_*, sy_*, sz_* and `unit`, whose last hex digit is 0 for z stored by rows, 1 for
-# z stored by columns (computed then as z' = y' x', all transposed).
-OURS_FIRST = """
+# z stored by columns (computed then as z' = y' x', all transposed).  `before` may set dense_w and
+# dense_d, the momentum update's parameter and decay factor (see dense_gemm); `after` runs once done.
+def ours_first(before='', after=''):
+    return """
 #ifdef __AVX512F__
 {
     const int by_rows = (unit & 0xF) == 0;
@@ -255,22 +294,26 @@ OURS_FIRST = """
         float* x = (float*)PyArray_DATA(%(_x)s);
         float* y = (float*)PyArray_DATA(%(_y)s);
         float* z = (float*)PyArray_DATA(%(_zout)s);
-        const int failed = by_rows ? dense_gemm(M, N, K, a, x, sx_0, sx_1, y, sy_0, sy_1, b, z, sz_0)
-                                   : dense_gemm(M, N, K, a, y, sy_1, sy_0, x, sx_1, sx_0, b, z, sz_1);
+        float* dense_w = NULL;
+        float dense_d = 0;
+        BEFORE
+        const int failed = by_rows ? dense_gemm(M, N, K, a, x, sx_0, sx_1, y, sy_0, sy_1, b, z, sz_0, dense_w, dense_d)
+                                   : dense_gemm(M, N, K, a, y, sy_1, sy_0, x, sx_1, sx_0, b, z, sz_1, dense_w, dense_d);
         if (failed) {
             PyErr_NoMemory();
             %(fail)s
         }
+        AFTER
         break;                  // out of the switch on the dtype: done
     }
 }
 #endif
-"""
+""".replace('BEFORE', before).replace('AFTER', after)
 
 
 class _Dense:
-    """What the two ops add to Theano's: the kernel, OpenMP, and the float32 case."""
-    case_float_gemm = OURS_FIRST + blas.GemmRelated.case_float_gemm
+    """What the ops add to Theano's: the kernel, OpenMP, and the float32 case."""
+    case_float_gemm = ours_first() + blas.GemmRelated.case_float_gemm
 
     def c_support_code(self):
         return super().c_support_code() + DENSE_GEMM
@@ -278,8 +321,8 @@ class _Dense:
     def c_compile_args(self):
         return super().c_compile_args() + ['-fopenmp']
 
-    def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or OURS_FIRST
-        return super().c_code_cache_version() + ('dense', 13)
+    def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or ours_first
+        return super().c_code_cache_version() + ('dense', 15)
 
 
 class Dot22(_Dense, blas.Dot22):
@@ -288,6 +331,213 @@ class Dot22(_Dense, blas.Dot22):
 
 class Gemm(_Dense, blas.Gemm):
     """Theano's Gemm (z = b z + a x y), float32 through dense_gemm where it suits."""
+
+
+def momentum(p, v, g, mu, eta, lam=None):
+    """One step of SGD with momentum for parameter p, its momentum v and its gradient g:
+        v' = mu v - eta lam p - eta g   (no lam term with lam None: no weight decay)
+        p' = p + v'
+    Returns (v', p').  On the CPU one op, in v's and p's own buffers: where g is our Dot22, the
+    decay term and p += v' go into the stores of g's product into v (MomentumGemm: each tile
+    written once), else one pass over v, p and g (MomentumUpdate).  Theano's ops took the product
+    into v, then a pass for the decay term and one for p + v', each over all of v and p: for the
+    published network's 784 x 1000 layer 0.24-0.35 ms of a 6.3-7.6 ms step, where MomentumGemm
+    adds 0.06-0.19 ms to the product.  On the GPU, Theano's elementwise ops.
+    """
+    if machine.gpu_asked():
+        # summed so that Theano's Gemm adds the gradient's product to mu v in v's own buffer
+        # (written as -eta (g + lam p) + mu v, it first copied p: 43 MB with 64 filters and
+        # overlapping pooling)
+        kept = mu * v - eta * lam * p if lam is not None else mu * v
+        v_new = kept - eta * g
+        return v_new, p + v_new
+    decay = (-eta * lam,) if lam is not None else ()
+    return MomentumUpdate(lam is not None)(v, p, g, mu, -eta, *decay)
+
+
+class MomentumUpdate(OpenMPOp):
+    """(v, p, g, mu, c[, d]) -> (v', p'): v' = mu v + c g (+ d p), p' = p + v'; momentum()'s step,
+    each element read and written once, in v's and p's own buffers once in place (cpublas_momentum)."""
+    __props__ = ('decay', 'inplace')
+
+    def __init__(self, decay, inplace=False, openmp=None):
+        super().__init__(openmp=openmp)
+        self.decay, self.inplace = bool(decay), bool(inplace)
+        if self.inplace:
+            self.destroy_map = {0: [0], 1: [1]}
+
+    def make_node(self, v, p, g, mu, c, *d):
+        v, p, g = (T.as_tensor_variable(a) for a in (v, p, g))
+        scalars = [T.as_tensor_variable(a) for a in (mu, c) + d]
+        if len(d) != self.decay:
+            raise TypeError('MomentumUpdate(decay=%s) takes %d inputs' % (self.decay, 5 + self.decay))
+        if not (v.type == p.type and v.ndim == g.ndim and g.dtype == v.dtype
+                and all(a.ndim == 0 and a.dtype == v.dtype for a in scalars)):
+            raise TypeError('MomentumUpdate: v, p, g of one shape and dtype, scalars of that dtype, not %s'
+                            % [a.type for a in [v, p, g] + scalars])
+        return theano.Apply(self, [v, p, g] + scalars, [v.type(), p.type()])
+
+    def perform(self, node, inputs, outputs):
+        v, p, g, mu, c = inputs[:5]
+        if not self.inplace:
+            v, p = v.copy(), p.copy()
+        v *= mu
+        v += c * g
+        if self.decay:
+            v += inputs[5] * p
+        p += v
+        outputs[0][0], outputs[1][0] = v, p
+
+    def infer_shape(self, node, shapes):
+        return shapes[:2]
+
+    def c_code_cache_version(self):        # raise it with any change to c_code
+        return (1, self.openmp)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        v, p, g, mu, c = inputs[:5]
+        d = inputs[5] if self.decay else None
+        v_out, p_out = outputs
+        t = 'dtype_' + v
+        fail = sub['fail']
+        take = ''.join("""
+        if (%(out)s != %(a)s) {
+            Py_XDECREF(%(out)s);
+            %(out)s = %(a)s;
+            Py_INCREF(%(out)s);
+        }""" % dict(out=out, a=a) if self.inplace else """
+        Py_XDECREF(%(out)s);
+        %(out)s = (PyArrayObject*)PyArray_NewCopy(%(a)s, NPY_CORDER);
+        if (!%(out)s) { Py_DECREF(gc); %(fail)s }""" % dict(out=out, a=a, fail=fail)
+                       for out, a in ((v_out, v), (p_out, p)))
+        step = 'const @t s = mu * @v + c * @g%s; @v = s; @p += s;' % (' + d * @p' if self.decay else '')
+        flat = step.replace('@t', t).replace('@v', 'vs[i]').replace('@p', 'ps[i]').replace('@g', 'gs[i]')
+        each = step.replace('@t', t)
+        for a, it in (('@v', 'iv'), ('@p', 'ip'), ('@g', 'ig')):
+            each = each.replace(a, '*(%s*)%s->dataptr' % (t, it))
+        parallel = '#pragma omp parallel for schedule(static) if (n > 100000)' if self.openmp else ''
+        decay = ('const %s d = *(%s*)PyArray_DATA(%s);' % (t, t, d)) if self.decay else ''
+        return """{
+        if (!PyArray_SAMESHAPE(%(v)s, %(p)s) || !PyArray_SAMESHAPE(%(v)s, %(g)s)) {
+            PyErr_SetString(PyExc_ValueError, "momentum update: v, p and g must have one shape");
+            %(fail)s
+        }
+        PyArrayObject* gc = PyArray_GETCONTIGUOUS(%(g)s);
+        if (!gc) { %(fail)s }
+        %(take)s
+        const %(t)s mu = *(%(t)s*)PyArray_DATA(%(mu)s), c = *(%(t)s*)PyArray_DATA(%(c)s);
+        %(decay)s
+        const npy_intp n = PyArray_SIZE(%(v_out)s);
+        if (PyArray_IS_C_CONTIGUOUS(%(v_out)s) && PyArray_IS_C_CONTIGUOUS(%(p_out)s)) {
+            %(t)s* vs = (%(t)s*)PyArray_DATA(%(v_out)s);
+            %(t)s* ps = (%(t)s*)PyArray_DATA(%(p_out)s);
+            const %(t)s* gs = (const %(t)s*)PyArray_DATA(gc);
+            %(parallel)s
+            for (npy_intp i = 0; i < n; i++) {
+                %(flat)s
+            }
+        } else {                                    // any strides: element by element, in C order
+            PyArrayIterObject* iv = (PyArrayIterObject*)PyArray_IterNew((PyObject*)%(v_out)s);
+            PyArrayIterObject* ip = (PyArrayIterObject*)PyArray_IterNew((PyObject*)%(p_out)s);
+            PyArrayIterObject* ig = (PyArrayIterObject*)PyArray_IterNew((PyObject*)gc);
+            if (!iv || !ip || !ig) {
+                Py_XDECREF(iv); Py_XDECREF(ip); Py_XDECREF(ig); Py_DECREF(gc);
+                %(fail)s
+            }
+            for (npy_intp i = 0; i < n; i++) {
+                %(each)s
+                PyArray_ITER_NEXT(iv); PyArray_ITER_NEXT(ip); PyArray_ITER_NEXT(ig);
+            }
+            Py_DECREF(iv); Py_DECREF(ip); Py_DECREF(ig);
+        }
+        Py_DECREF(gc);
+        }""" % locals()
+
+
+class MomentumGemm(Gemm):
+    """(v, a, x, y, b, p[, d]) -> (v', p'): v' = b v + a x y (+ d p), p' = p + v', in place: the
+    momentum update with the gradient's product (momentum()'s c g with g = x y, c = a).  Where
+    dense_gemm computes the product and p is stored as v, each tile's stores do the update; else
+    Theano's BLAS call, then one pass over v and p."""
+    __props__ = ('decay',)
+    case_float_gemm = ours_first(
+        before='''if (PyArray_CompareLists(PyArray_STRIDES(momentum_p), PyArray_STRIDES(%(_zout)s), 2)) {
+            dense_w = (float*)PyArray_DATA(momentum_p);     // stored as v: into the tiles' stores
+            dense_d = momentum_d;
+        }''',
+        after='momentum_done = dense_w != NULL;') + blas.GemmRelated.case_float_gemm
+
+    def __init__(self, decay):
+        super().__init__(inplace=True)
+        self.decay = bool(decay)
+        self.destroy_map = {0: [0], 1: [5]}
+
+    def __str__(self):
+        return 'MomentumGemm{%s}' % ('decay' if self.decay else 'no_decay')
+
+    def make_node(self, v, a, x, y, b, p, *d):
+        product = super().make_node(v, a, x, y, b)      # Gemm's checks
+        v = product.inputs[0]
+        p = T.as_tensor_variable(p)
+        d = [T.as_tensor_variable(s) for s in d]
+        if len(d) != self.decay or p.type != v.type or any(s.ndim or s.dtype != p.dtype for s in d):
+            raise TypeError('MomentumGemm(decay=%s): p of v\'s type%s' % (self.decay, ', d a scalar' * self.decay))
+        return theano.Apply(self, product.inputs + [p] + d, [v.type(), p.type()])
+
+    def perform(self, node, inputs, outputs, params=None):
+        v, a, x, y, b, p = inputs[:6]
+        v *= b
+        v += a * x.dot(y)
+        if self.decay:
+            v += inputs[6] * p
+        p += v
+        outputs[0][0], outputs[1][0] = v, p
+
+    def infer_shape(self, node, shapes):
+        return [shapes[0], shapes[5]]
+
+    def c_code_cache_version(self):        # raise it with any change to c_code
+        return super().c_code_cache_version() + ('momentum', 1)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        _z, _a, _x, _y, _b, _p = inputs[:6]
+        _zout, _pout = outputs
+        params = sub['params']
+        gemm = self.build_gemm_call() % dict(sub, _z=_z, _a=_a, _x=_x, _y=_y, _b=_b, _zout=_zout, params=params)
+        t = 'npy_' + node.inputs[0].dtype     # no dtype_ typedefs: Gemm's check_input is False
+        d = ('*(%s*)PyArray_DATA(%s)' % (t, inputs[6])) if self.decay else '0'
+        decay = '*vij += momentum_d * *pij;' if self.decay else ''
+        fail = sub['fail']
+        return """{
+        if (PyArray_NDIM(%(_p)s) != 2 || !PyArray_SAMESHAPE(%(_p)s, %(_z)s)) {
+            PyErr_SetString(PyExc_ValueError, "momentum update: p and v must have one shape");
+            %(fail)s
+        }
+        PyArrayObject* momentum_p = %(_p)s;
+        const %(t)s momentum_d = %(d)s;
+        int momentum_done = 0;
+        %(gemm)s
+        if (!momentum_done) {
+            const npy_intp rows = PyArray_DIMS(%(_zout)s)[0], columns = PyArray_DIMS(%(_zout)s)[1];
+            const npy_intp* sv = PyArray_STRIDES(%(_zout)s);
+            const npy_intp* sp = PyArray_STRIDES(%(_p)s);
+            char* v0 = PyArray_BYTES(%(_zout)s);
+            char* p0 = PyArray_BYTES(%(_p)s);
+            #pragma omp parallel for schedule(static) if (rows * columns > 100000)
+            for (npy_intp i = 0; i < rows; i++)
+                for (npy_intp j = 0; j < columns; j++) {
+                    %(t)s* vij = (%(t)s*)(v0 + i * sv[0] + j * sv[1]);
+                    %(t)s* pij = (%(t)s*)(p0 + i * sp[0] + j * sp[1]);
+                    %(decay)s
+                    *pij += *vij;
+                }
+        }
+        if (%(_pout)s != %(_p)s) {
+            Py_XDECREF(%(_pout)s);
+            %(_pout)s = %(_p)s;
+            Py_INCREF(%(_pout)s);
+        }
+        }""" % locals()
 
 
 class ChannelSum(theano.Op):
@@ -377,8 +627,37 @@ def use_dense_gemm(node):
     return False
 
 
+class MomentumInPlace(Optimizer):
+    """Each MomentumUpdate in v's and p's own buffers: fused with its gradient where that is our
+    Dot22 used by nothing else (MomentumGemm), else MomentumUpdate{inplace}; left as it is where
+    Theano's destroy handler refuses both (another op still reads v or p after it)."""
+
+    def add_requirements(self, fgraph):
+        fgraph.attach_feature(toolbox.ReplaceValidate())
+
+    def apply(self, fgraph):
+        for node in fgraph.toposort():
+            if not isinstance(node.op, MomentumUpdate) or node.op.inplace:
+                continue
+            v, p, g, mu, c = node.inputs[:5]
+            decay = node.inputs[5:]
+            choices = []
+            if g.owner and isinstance(g.owner.op, Dot22) and len(g.clients) == 1:
+                choices.append(lambda: MomentumGemm(node.op.decay)(v, c, *g.owner.inputs, mu, p, *decay))
+            choices.append(lambda: MomentumUpdate(node.op.decay, inplace=True)(*node.inputs))
+            for make in choices:
+                try:
+                    fgraph.replace_all_validate(list(zip(node.outputs, make())), reason='cpublas_momentum')
+                    break
+                except InconsistencyError:
+                    pass
+
+
 optdb.register('cpublas_channel_sum', in2out(use_channel_sum, name='cpublas_channel_sum'), 70.6, 'fast_run')
 if theano.config.blas.ldflags and theano.config.openmp:
     # after Theano's BLAS optimizations, Gemm's in-place one (70) included
     optdb.register('cpublas_dense_gemm', in2out(use_dense_gemm, name='cpublas_dense_gemm'),
                    70.5, 'fast_run')
+# after the products are ours (70.5): in place, as Theano's in-place optimizations (after 49.5,
+# its destroy handler)
+optdb.register('cpublas_momentum', MomentumInPlace(), 70.7, 'fast_run', 'inplace')

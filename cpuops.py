@@ -30,9 +30,12 @@ MaxPool alone; the sums run in another order, so the run's figures move by float
 
 No GPU code: on the GPU, convnet.py keeps Theano's conv2d and pooling (GpuCorrMM, GpuPool).
 """
+import numpy as np
 import theano
 import theano.tensor as T
+from theano.compile import optdb
 from theano.gof import OpenMPOp
+from theano.gof.opt import TopoOptimizer, local_optimizer
 from theano.tensor.nnet import corr
 
 
@@ -45,14 +48,15 @@ def max_pool(x, ws, stride):
     return MaxPool(ws, stride)(x)
 
 
-def _c_array(var, dims, like, fail):
-    """C that (re)allocates output `var` unless it already is a C-contiguous array of those dims and like's type."""
+def _c_array(var, dims, like, fail, ndim='4'):
+    """C that (re)allocates output `var` unless it already is a C-contiguous array of those dims
+    (ndim of them: a C expression) and like's type."""
     return """
-    if (!%(var)s || PyArray_NDIM(%(var)s) != 4 || !PyArray_IS_C_CONTIGUOUS(%(var)s)
+    if (!%(var)s || PyArray_NDIM(%(var)s) != %(ndim)s || !PyArray_IS_C_CONTIGUOUS(%(var)s)
         || PyArray_TYPE(%(var)s) != PyArray_TYPE(%(like)s)
-        || !PyArray_CompareLists(PyArray_DIMS(%(var)s), %(dims)s, 4)) {
+        || !PyArray_CompareLists(PyArray_DIMS(%(var)s), %(dims)s, %(ndim)s)) {
         Py_XDECREF(%(var)s);
-        %(var)s = (PyArrayObject*)PyArray_EMPTY(4, %(dims)s, PyArray_TYPE(%(like)s), 0);
+        %(var)s = (PyArrayObject*)PyArray_EMPTY(%(ndim)s, %(dims)s, PyArray_TYPE(%(like)s), 0);
         if (!%(var)s) { %(fail)s }
     }
     """ % locals()
@@ -655,6 +659,121 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
 
 class CorrMM_gradWeights(_RowsIm2col, corr.CorrMM_gradWeights):
     """Theano's filter gradient of CorrMM with the faster im2col."""
+
+
+def relu_with_bias(x, b):
+    """max(x + b, 0) with b (C,) added along axis 1 of x (N, C) or (N, C, H, W): BiasReLU."""
+    return BiasReLU()(x, b)
+
+
+class BiasReLU(OpenMPOp):
+    """(x, b) -> max(x + b, 0), b added along axis 1 of x (N, C) or (N, C, H, W): a layer's
+    threshold and ReLU in one pass, Theano's values bit for bit (NaN and -0 kept alike).
+
+    Theano's Elemwise ops for the same (an addition with b broadcast, then maximum, fused into one
+    loop for the evaluation passes) step through the array one element at a time in loops as
+    deep as its axes: 0.84 ms for the pooled maps of 500 images (392,000 elements), 0.52 ms for
+    500 rows of the 1000-unit layer, 10% of an evaluation pass of the published network.  The
+    gradient passes gz where the output is positive (at exactly 0: none, as PyTorch's ReLU;
+    Theano's maximum passed it there).  In x's own buffer where nothing else reads x
+    (bias_relu_in_place), as Theano's elementwise ops.
+    """
+    __props__ = ('inplace',)
+
+    def __init__(self, inplace=False, openmp=None):
+        super().__init__(openmp=openmp)
+        self.inplace = bool(inplace)
+        if self.inplace:
+            self.destroy_map = {0: [0]}
+
+    def make_node(self, x, b):
+        x, b = T.as_tensor_variable(x), T.as_tensor_variable(b)
+        if x.ndim not in (2, 4) or b.ndim != 1 or x.dtype != b.dtype or x.dtype not in NPY_FLOAT:
+            raise TypeError('relu_with_bias: x (N, C) or (N, C, H, W) and b (C,), one float dtype, not %s and %s'
+                            % (x.type, b.type))
+        return theano.Apply(self, [x, b], [x.type()])
+
+    def perform(self, node, inputs, outputs):
+        x, b = inputs
+        if x.shape[1] != len(b):
+            raise ValueError('relu_with_bias: %d channels, %d thresholds' % (x.shape[1], len(b)))
+        a = np.add(x, b.reshape((-1,) + (1,) * (x.ndim - 2)), out=x if self.inplace else None)
+        a[a < 0] = 0                                                # NaN and -0 kept, as Theano's maximum
+        outputs[0][0] = a
+
+    def infer_shape(self, node, shapes):
+        return [shapes[0]]
+
+    def L_op(self, inputs, outputs, output_grads):
+        x, b = inputs
+        gx = output_grads[0] * T.gt(outputs[0], 0)
+        return [gx, gx.sum(axis=(0,) + tuple(range(2, x.ndim)))]
+
+    def c_code_cache_version(self):        # raise it with any change to c_code
+        return (2, self.openmp)
+
+    def c_code(self, node, name, inputs, outputs, sub):
+        x, b = inputs
+        z, = outputs
+        t = NPY_FLOAT[node.inputs[0].dtype]
+        fail = sub['fail']
+        release = 'Py_XDECREF(xc); Py_XDECREF(bc);'
+        alloc = _c_array(z, 'PyArray_DIMS(xc)', 'xc', release + fail, ndim='PyArray_NDIM(xc)')
+        if self.inplace:        # x itself where contiguous (else its contiguous copy, ours alone)
+            alloc = """
+            Py_XDECREF(%(z)s);
+            %(z)s = xc;
+            Py_INCREF(%(z)s);""" % locals()
+        parallel = '#pragma omp parallel for schedule(static) if (N * C * S > 100000)' if self.openmp else ''
+        return """{
+        PyArrayObject* xc = PyArray_GETCONTIGUOUS(%(x)s);
+        PyArrayObject* bc = PyArray_GETCONTIGUOUS(%(b)s);
+        if (!xc || !bc) { %(release)s %(fail)s }
+        const npy_intp* d = PyArray_DIMS(xc);
+        const npy_intp N = d[0], C = d[1], S = PyArray_NDIM(xc) == 4 ? d[2] * d[3] : 1;
+        if (PyArray_DIMS(bc)[0] != C) {
+            PyErr_Format(PyExc_ValueError, "relu_with_bias: %%ld channels, %%ld thresholds",
+                         (long)C, (long)PyArray_DIMS(bc)[0]);
+            %(release)s
+            %(fail)s
+        }
+        %(alloc)s
+        const %(t)s* from = (const %(t)s*)PyArray_DATA(xc);
+        const %(t)s* bias = (const %(t)s*)PyArray_DATA(bc);
+        %(t)s* to = (%(t)s*)PyArray_DATA(%(z)s);
+        // a < 0 ? 0 : a, as Theano's maximum(a, 0): NaN and -0 kept
+        if (S == 1) {                               // rows: b along them
+            %(parallel)s
+            for (npy_intp n = 0; n < N; n++)
+                for (npy_intp c = 0; c < C; c++) {
+                    const %(t)s a = from[n * C + c] + bias[c];
+                    to[n * C + c] = a < 0 ? 0 : a;
+                }
+        } else {                                    // maps: one threshold a map
+            %(parallel)s
+            for (npy_intp m = 0; m < N * C; m++) {
+                const %(t)s threshold = bias[m %% C];
+                for (npy_intp s = 0; s < S; s++) {
+                    const %(t)s a = from[m * S + s] + threshold;
+                    to[m * S + s] = a < 0 ? 0 : a;
+                }
+            }
+        }
+        %(release)s
+        }""" % locals()
+
+
+@local_optimizer([BiasReLU])
+def bias_relu_in_place(node):
+    if isinstance(node.op, BiasReLU) and not node.op.inplace:
+        return [BiasReLU(inplace=True, openmp=node.op.openmp)(*node.inputs)]
+    return False
+
+
+# as Theano's in-place elementwise optimization (75): where another op still reads x, Theano's
+# destroy handler refuses the replacement and the op stays as it is
+optdb.register('cpuops_bias_relu_in_place', TopoOptimizer(bias_relu_in_place, failure_callback=TopoOptimizer.warn_inplace),
+               75.5, 'fast_run', 'inplace')
 
 
 def correlate(x, W):

@@ -17,7 +17,8 @@ import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402
 import theano.tensor as T                            # noqa: E402
 
-import cpublas                                       # noqa: E402,F401  (registers its ops with Theano's optimizer)
+import cpublas                                       # noqa: E402  (also registers its ops with Theano's optimizer)
+import cpuops                                        # noqa: E402
 
 machine.reuse_compiled_modules()
 floatX = theano.config.floatX
@@ -29,6 +30,16 @@ floatX = theano.config.floatX
 # at exactly 0, with fewer ops (no 0.5 constant folded into a Dot22Scalar).
 ACTIVATIONS = {'linear': lambda a: a, 'relu': lambda a: T.maximum(a, 0), 'softmax': T.nnet.softmax}
 W_STD = 0.01
+
+
+def activate(activation, a, b):
+    """activation(a + b), b (C,) added along axis 1 of a, or None: no bias.  ReLU with a bias is one
+    op on the CPU (cpuops.BiasReLU: Theano's values, in one pass), Theano's ops on the GPU."""
+    if activation == 'relu' and b is not None and not machine.gpu_asked():
+        return cpuops.relu_with_bias(a, b)
+    if b is not None:
+        a = a + b.dimshuffle(('x', 0) + ('x',) * (a.ndim - 2))
+    return ACTIVATIONS[activation](a)
 
 
 def normal_weights(rng, shape, std=W_STD):
@@ -54,8 +65,7 @@ class FullLayer:
         self.output_shape = (n_out,)
 
     def output(self, x):
-        a = T.dot(x, self.W)
-        return ACTIVATIONS[self.activation](a + self.b if self.b is not None else a)
+        return activate(self.activation, T.dot(x, self.W), self.b)
 
     def cost_terms(self, x, y):
         """Summed cross-entropy and number correct of this softmax layer's output against integer labels.
@@ -183,14 +193,8 @@ class Trainer:
         updates = []
         for p, g in zip(net.params, grads):
             v = theano.shared(np.zeros_like(p.get_value()), 'd' + p.name)
-            # the rule above, summed as mu*v - eta*lam*W - eta*dE/dW: then Theano's Gemm adds
-            # the gradient's product to mu*v in v's own buffer, where written as above it first
-            # copied W (43 MB with 64 filters and overlapping pooling) and scaled the copy
-            kept = self.mu * v
-            if any(p is w for w in net.decay):
-                kept = kept - self.eta * self.lam * p
-            v_new = kept - self.eta * g
-            updates += [(v, v_new), (p, p + v_new)]
+            lam = self.lam if any(p is w for w in net.decay) else None
+            updates += zip((v, p), cpublas.momentum(p, v, g, self.mu, self.eta, lam))
         t0 = time.time()
         self.train_fn = theano.function([start, stop], [sum_cost, ncorrect], updates=updates,
                                         givens=givens, name='train')

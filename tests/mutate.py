@@ -31,9 +31,14 @@ MUTATIONS = [  # what, file, published text, mutated text
      '(1.0 / np.sqrt(s + epsilon))', '(1.0 / np.sqrt(s) + epsilon)'),
     ('MNIST weight decay 0.001 (its run: 0)', 'mnist_mlp.py', '\nlam = 0.0\n', '\nlam = 0.001\n'),
     ('CIFAR-10 momentum 0.95 (published 0.9)', 'cifar10_convnet.py', '\nmu = 0.9 ', '\nmu = 0.95'),
-    ('weight decay not scaled by eta (published: -eta * (dE/dW + lam * W))', 'nnet.py',
-     'kept = kept - self.eta * self.lam * p', 'kept = kept - self.lam * p'),
-    ('the momentum kept in full (published: mu * dW)', 'nnet.py', 'kept = self.mu * v', 'kept = v'),
+    ('weight decay not scaled by eta (published: -eta * (dE/dW + lam * W))', 'cpublas.py',
+     'decay = (-eta * lam,)', 'decay = (-lam,)'),
+    ('the same on the GPU', 'cpublas.py', 'kept = mu * v - eta * lam * p', 'kept = mu * v - lam * p'),
+    ('the momentum kept in full (published: mu * dW)', 'cpublas.py', '(v, p, g, mu, -eta, *decay)',
+     '(v, p, g, mu ** 0, -eta, *decay)'),
+    ('the same on the GPU', 'cpublas.py', 'if lam is not None else mu * v', 'if lam is not None else v'),
+    ('weights not decayed (W decays, the thresholds do not)', 'nnet.py',
+     'lam = self.lam if any(p is w for w in net.decay) else None', 'lam = None'),
 ]
 
 

@@ -167,7 +167,7 @@ def test_cifar10_convnet_runs_end_to_end(tmp_path):
                  '### training:   NL =  800  NV =  200  K =  10  batchsize =  100', '# NT =  200',
                  '# convolution: conv2d']:
         assert line + '\n' in log
-    assert re.search(r'^# CPU ops of the training step: .*\bCorrMM\b.*\bMaxPool, PooledFilterGrad\b', log, re.M)
+    assert re.search(r'^# CPU ops of the training step: .*\bCorrMM\b.*\bMaxPool, MomentumGemm x2, MomentumUpdate x4, PooledFilterGrad\b', log, re.M)
     rows = re.findall('^' + ROW + '$', log, re.M)
     assert [r.split()[0] for r in rows] == ['0', '1', '2']
     assert re.search(r'^2 \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \*$', log, re.M)

@@ -1,5 +1,5 @@
-"""cpublas.py: Theano's Dot22 and Gemm with the dense kernel, and the bias gradients' sums,
-against numpy in float64, and where Theano's optimizer puts them."""
+"""cpublas.py: Theano's Dot22 and Gemm with the dense kernel, the momentum update, and the bias
+gradients' sums, against numpy in float64, and where Theano's optimizer puts them."""
 import numpy as np
 import pytest
 
@@ -62,21 +62,125 @@ def test_dot_equals_numpys(M, K, N, orders):
     assert_product_close(f(stored(x, orders[0]), stored(y, orders[1])), x, y)
 
 
-@pytest.mark.parametrize('order', ['C', 'F'])
-@pytest.mark.parametrize('M, K, N', [(784, 100, 1000), (40, 30, 35), (33, 1100, 8)])
-def test_momentum_update_in_place(M, K, N, order):
-    """v <- mu v - eta x y, as the Trainer's update: our Gemm, in v's own buffer (stored by
-    columns too: then computed transposed)."""
-    rng = np.random.RandomState(0)
+ETA, MU, LAM = 0.01, 0.9, 0.0001
+
+
+def momentum_step(p0, v0, g, decay):
+    """numpy's float64 step of cpublas.momentum: (v', p', the magnitude of v's terms)."""
+    p0, v0, g = (a.astype('float64') for a in (p0, v0, g))
+    v = MU * v0 - ETA * g - (ETA * LAM * p0 if decay else 0)
+    return v, p0 + v, MU * np.abs(v0) + ETA * np.abs(g) + ETA * LAM * np.abs(p0)
+
+
+def assert_momentum_step(v, p, want_v, want_p, scale, p0):
+    """v, p as momentum_step's to float32 rounding (of sums of products: scale bounds them)."""
+    assert np.all(np.abs(v - want_v) <= 1e-5 * scale)
+    assert np.all(np.abs(p - want_p) <= 1e-6 * (np.abs(p0) + scale))
+
+
+MOMENTUM_OPS = {'MomentumUpdate': cpublas.MomentumUpdate, 'MomentumGemm': cpublas.MomentumGemm}
+
+
+def momentum_ops(f):
+    """The momentum ops of a compiled function: [(kind, destroy_map)]."""
+    return [(kind, getattr(n.op, 'destroy_map', {})) for n in f.maker.fgraph.toposort()
+            for kind, op in MOMENTUM_OPS.items() if isinstance(n.op, op)]
+
+
+@pytest.mark.parametrize('decay', [True, False])
+@pytest.mark.parametrize('orders', ['CC', 'FF', 'CF'])
+@pytest.mark.parametrize('M, K, N', [(784, 100, 1000), (40, 30, 35), (33, 1100, 8), (3000, 100, 70)])
+def test_momentum_with_a_product_is_one_op_in_place(M, K, N, orders, decay):
+    """v <- mu v - eta x y (- eta lam p), p <- p + v, as the Trainer's update of a weight matrix:
+    one MomentumGemm in v's and p's own buffers; p stored as v goes into the kernel's stores (v
+    stored by columns too: then computed transposed), p stored otherwise gets a pass after."""
+    rng = np.random.RandomState(M + N)
     x, y = rng.randn(M, K).astype('float32'), rng.randn(K, N).astype('float32')
-    v0 = stored(rng.randn(M, N).astype('float32'), order)
-    v = theano.shared(v0.copy(order='A'), borrow=True)
+    v0, p0 = (stored(rng.randn(M, N).astype('float32'), order) for order in orders)
+    v, p = (theano.shared(a.copy(order='A'), borrow=True) for a in (v0, p0))
+    v_buffer, p_buffer = v.get_value(borrow=True), p.get_value(borrow=True)
     x_, y_ = T.matrices('x', 'y')
-    f = theano.function([x_, y_], [], updates=[(v, np.float32(0.9) * v - np.float32(0.01) * T.dot(x_, y_))])
-    assert products(f) == [('cpublas', 'Gemm')]
-    assert [n.op.destroy_map for n in f.maker.fgraph.apply_nodes if isinstance(n.op, cpublas.Gemm)] == [{0: [0]}]
+    f = theano.function([x_, y_], [], updates=list(zip((v, p), cpublas.momentum(
+        p, v, T.dot(x_, y_), np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
+    assert momentum_ops(f) == [('MomentumGemm', {0: [0], 1: [5]})]
     f(x, y)
-    assert_product_close(v.get_value(borrow=True), x, y, alpha=-0.01, beta=0.9, z=v0)
+    assert v.get_value(borrow=True) is v_buffer and p.get_value(borrow=True) is p_buffer
+    assert_momentum_step(v_buffer, p_buffer, *momentum_step(p0, v0, x.dot(y), decay), p0)
+
+
+class MomentumGemmWithoutAVX512(WithoutAVX512, cpublas.MomentumGemm):
+    """Our MomentumGemm built as for a CPU without AVX-512: Theano's BLAS call, then the pass."""
+
+
+def test_momentum_gemm_without_avx512(monkeypatch):
+    built = []
+    monkeypatch.setattr(cpublas, 'MomentumGemm', lambda decay: built.append(decay) or MomentumGemmWithoutAVX512(decay))
+    test_momentum_with_a_product_is_one_op_in_place(784, 100, 1000, 'CC', True)
+    assert built == [True]
+
+
+@pytest.mark.parametrize('decay', [True, False])
+@pytest.mark.parametrize('shape, order', [((1000,), 'C'), ((16, 3, 5, 5), 'C'), ((7, 9), 'F'), ((0, 4), 'C')])
+def test_momentum_of_other_gradients_is_one_op_in_place(shape, order, decay):
+    """Biases, filters: gradients that are no product; stored by columns: element by element."""
+    rng = np.random.RandomState(len(shape))
+    g0, v0, p0 = (stored(rng.randn(*shape).astype('float32'), order) for _ in range(3))
+    v, p = (theano.shared(a.copy(order='A'), borrow=True) for a in (v0, p0))
+    g = T.tensor(dtype='float32', broadcastable=(False,) * len(shape))
+    f = theano.function([g], [], updates=list(zip((v, p), cpublas.momentum(
+        p, v, 2 * g, np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
+    assert momentum_ops(f) == [('MomentumUpdate', {0: [0], 1: [1]})]
+    f(g0)
+    assert_momentum_step(v.get_value(), p.get_value(), *momentum_step(p0, v0, 2 * g0, decay), p0)
+
+
+def test_momentum_stays_out_of_place_where_its_inputs_are_not_its_own():
+    """Plain inputs, not updated shared variables: Theano's destroy handler refuses the in-place
+    versions, and the op returns new arrays, the inputs untouched."""
+    rng = np.random.RandomState(5)
+    v0, p0, x0, y0 = (rng.randn(*s).astype('float32') for s in ((40, 64), (40, 64), (40, 8), (8, 64)))
+    v, p, x, y = T.matrices('v', 'p', 'x', 'y')
+    f = theano.function([v, p, x, y], cpublas.momentum(p, v, T.dot(x, y), np.float32(MU), np.float32(ETA),
+                                                       np.float32(LAM)))
+    assert momentum_ops(f) == [('MomentumUpdate', {})]
+    kept = [a.copy() for a in (v0, p0)]
+    v1, p1 = f(v0, p0, x0, y0)
+    np.testing.assert_array_equal(v0, kept[0])
+    np.testing.assert_array_equal(p0, kept[1])
+    assert_momentum_step(v1, p1, *momentum_step(p0, v0, x0.dot(y0), True), p0)
+
+
+def test_momentum_in_python_as_in_c():
+    """perform(), for Theano without a C compiler: both ops, the same step."""
+    rng = np.random.RandomState(6)
+    x0, y0 = rng.randn(50, 20).astype('float32'), rng.randn(20, 40).astype('float32')
+    v0, p0, b0, u0 = (rng.randn(*s).astype('float32') for s in ((50, 40), (50, 40), (40,), (40,)))
+    shared = [theano.shared(a.copy()) for a in (v0, p0, u0, b0)]
+    x, y = T.matrices('x', 'y')
+    updates = list(zip(shared[:2], cpublas.momentum(shared[1], shared[0], T.dot(x, y), np.float32(MU),
+                                                    np.float32(ETA), np.float32(LAM))))
+    updates += zip(shared[2:], cpublas.momentum(shared[3], shared[2], x[0, 0] * y[0, :], np.float32(MU),
+                                                 np.float32(ETA)))
+    f = theano.function([x, y], [], updates=updates, mode=theano.Mode(linker='py'))
+    assert [name for name, _ in momentum_ops(f)] == ['MomentumGemm', 'MomentumUpdate']
+    f(x0, y0)
+    assert_momentum_step(*(s.get_value() for s in shared[:2]), *momentum_step(p0, v0, x0.dot(y0), True), p0)
+    assert_momentum_step(*(s.get_value() for s in shared[2:]), *momentum_step(b0, u0, x0[0, 0] * y0[0], False), b0)
+
+
+@pytest.mark.parametrize('decay', [True, False])
+def test_momentum_on_the_gpu_is_theanos_elementwise_ops(monkeypatch, decay):
+    """With device=cuda no CPU op in the step: the same rule from Theano's ops (GpuGemm there)."""
+    monkeypatch.setattr(machine, 'gpu_asked', lambda: True)
+    rng = np.random.RandomState(7)
+    v0, p0, g0 = (rng.randn(30, 40).astype('float32') for _ in range(3))
+    v, p = theano.shared(v0.copy()), theano.shared(p0.copy())
+    g = T.matrix('g')
+    f = theano.function([g], [], updates=list(zip((v, p), cpublas.momentum(
+        p, v, g, np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
+    assert momentum_ops(f) == []
+    f(g0)
+    assert_momentum_step(v.get_value(), p.get_value(), *momentum_step(p0, v0, g0, decay), p0)
 
 
 def test_beta_zero_ignores_old_values():
@@ -111,8 +215,9 @@ def test_the_published_step_uses_the_kernel():
     X, y = rng.randn(200, 3072).astype('float32'), rng.randint(0, 10, 200).astype('int32')
     net = convnet.CNN(rng, (3, 32, 32), [(16, (5, 5), (4, 4), None)], [1000], 10)
     trainer = nnet.Trainer(net, {'L': (X, y)}, 100, 0.01, 0.9, 0.0001, input_shape=(3, 32, 32))
-    assert set(products(trainer.train_fn)) == {('cpublas', 'Dot22'), ('cpublas', 'Gemm')}
-    assert len(products(trainer.train_fn)) == 6
+    # forward and input gradient: Dot22; the weights' gradients in the momentum update: MomentumGemm
+    assert products(trainer.train_fn) == [('cpublas', 'Dot22')] * 4 + [('cpublas', 'MomentumGemm')] * 2
+    assert [name for name, _ in momentum_ops(trainer.train_fn)].count('MomentumUpdate') == 4   # W1, b2, b4, b5
     assert products(trainer.eval_fn) == [('cpublas', 'Dot22')] * 2
     # the bias gradients (the conv stage's threshold, the two dense layers' b) are ours; the
     # cost's and the correct answers' sums over everything stay Theano's

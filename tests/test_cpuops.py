@@ -191,7 +191,7 @@ def layer_ops(use_gpu, monkeypatch, st=None):
 
 def test_layers_use_these_ops_on_the_cpu_and_theanos_with_a_gpu(monkeypatch):
     from theano.tensor.signal import pool
-    ours = {cpuops.CorrMM, cpuops.PooledFilterGrad, cpuops.MaxPool, cpuops.MaxPoolGrad}
+    ours = {cpuops.CorrMM, cpuops.PooledFilterGrad, cpuops.MaxPool, cpuops.MaxPoolGrad, cpuops.BiasReLU}
     assert ours <= layer_ops(False, monkeypatch)
     assert cpuops.CorrMM_gradWeights not in layer_ops(False, monkeypatch)          # disjoint windows
     assert {cpuops.CorrMM_gradWeights, cpuops.MaxPoolGrad} <= layer_ops(False, monkeypatch, st=(1, 1))
@@ -199,3 +199,60 @@ def test_layers_use_these_ops_on_the_cpu_and_theanos_with_a_gpu(monkeypatch):
     # Theano's conv2d and pooling have GPU versions (GpuCorrMM, GpuPool...); these ops have none
     theirs = layer_ops(True, monkeypatch)
     assert {pool.Pool, pool.MaxPoolGrad, corr.CorrMM, corr.CorrMM_gradWeights} <= theirs and not ours & theirs
+
+
+def thresholds_and_inputs(shape, rng):
+    """b (C,) and x of `shape` with NaN, infinities and -0 + -0 (-0 out) among normal values."""
+    x = rng.randn(*shape).astype('float32')
+    b = rng.randn(shape[1]).astype('float32')
+    if x.size:
+        b[0] = -0.0
+        x.reshape(-1)[:3] = [np.nan, np.inf, -np.inf]
+        x[:, 0] = -0.0                      # -0 + -0: -0, kept by max(a, 0) as by Theano's maximum
+    return x, b
+
+
+@pytest.mark.parametrize('linker', ['c', 'py'])
+@pytest.mark.parametrize('openmp', [False, True])
+@pytest.mark.parametrize('shape', [(5, 7), (3, 4, 5, 6), (600, 1000), (200, 16, 7, 7), (0, 3)])
+def test_relu_with_bias_equals_theanos_bit_for_bit(shape, openmp, linker):
+    x, b = thresholds_and_inputs(shape, np.random.RandomState(len(shape)))
+    x_, b_ = T.tensor(dtype='float32', broadcastable=(False,) * len(shape)), T.vector(dtype='float32')
+    gz = np.random.RandomState(1).randn(*shape).astype('float32')
+    ours = cpuops.BiasReLU(openmp=openmp)(x_, b_)
+    mode = theano.Mode(linker=linker)
+    z, gx, gb = theano.function([x_, b_], [ours] + T.grad((ours * gz).sum(), [x_, b_]), mode=mode)(x, b)
+    theirs = T.maximum(x_ + b_.dimshuffle(('x', 0) + ('x',) * (len(shape) - 2)), 0)
+    assert_same_bits(z, theano.function([x_, b_], theirs)(x, b))
+    # the gradient where the output is positive (not at exactly 0: PyTorch's ReLU's), b's summed
+    np.testing.assert_array_equal(gx, gz * (z > 0))
+    np.testing.assert_allclose(gb, (gz * (z > 0)).astype('float64').sum(axis=(0,) + tuple(range(2, len(shape)))),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_relu_with_bias_takes_strided_input_and_says_what_is_wrong():
+    rng = np.random.RandomState(2)
+    x, b = rng.randn(6, 10).astype('float32'), rng.randn(5).astype('float32')
+    x_, b_ = T.matrix(), T.vector()
+    f = theano.function([x_, b_], cpuops.relu_with_bias(x_, b_))
+    np.testing.assert_array_equal(f(x[:, ::2], b), np.maximum(x[:, ::2] + b, 0))
+    with pytest.raises(ValueError, match='10 channels, 5 thresholds'):
+        f(x, b)
+    with pytest.raises(TypeError, match=r'x \(N, C\) or \(N, C, H, W\)'):
+        cpuops.relu_with_bias(T.tensor3(), b_)
+
+
+def test_layers_use_one_op_for_threshold_and_relu():
+    """The published network's evaluation pass: no Elemwise op left between the products."""
+    rng = np.random.RandomState(0)
+    X, y = rng.randn(200, 3072).astype('float32'), rng.randint(0, 10, 200).astype('int32')
+    net = convnet.CNN(rng, (3, 32, 32), [(16, (5, 5), (4, 4), None)], [1000], 10)
+    trainer = nnet.Trainer(net, {'L': (X, y)}, 100, 0.01, 0.9, 0.0001, input_shape=(3, 32, 32))
+    ops = [type(n.op).__name__ for n in trainer.eval_fn.maker.fgraph.toposort()]
+    compute = [op for op in ops if op in ('CorrMM', 'MaxPool', 'BiasReLU', 'Dot22', 'Elemwise')]
+    conv = compute.index('CorrMM')      # (before it, Elemwise ops of the shapes)
+    assert compute[conv:conv + 6] == ['CorrMM', 'MaxPool', 'BiasReLU', 'Dot22', 'BiasReLU', 'Dot22']
+    # in place, but in training where the pooled maps are read again (the filter gradient's maxima)
+    def in_place(f):
+        return [n.op.inplace for n in f.maker.fgraph.toposort() if isinstance(n.op, cpuops.BiasReLU)]
+    assert in_place(trainer.eval_fn) == [True, True] and in_place(trainer.train_fn) == [False, True]

@@ -111,9 +111,10 @@ def test_weight_gradients_accumulate_into_the_momentum_in_place():
     trainer = nnet.Trainer(net, {'L': (X, y)}, 10, 0.1, 0.9, 0.01)
     gemms = [node for node in trainer.train_fn.maker.fgraph.apply_nodes
              if isinstance(node.op, theano.tensor.blas.Gemm)]
-    # one product per weight matrix, added to the momentum's buffer: no copy of W each step
-    assert sorted(node.inputs[0].name for node in gemms) == ['dW1', 'dW2']
-    assert all(node.op.inplace for node in gemms)
+    # one product per weight matrix, added to the momentum's buffer, which is then added to W
+    # in the same op (cpublas.MomentumGemm): no copy of W each step, no pass of its own
+    assert sorted((node.inputs[0].name, node.inputs[5].name) for node in gemms) == [('dW1', 'W1'), ('dW2', 'W2')]
+    assert all(node.op.destroy_map == {0: [0], 1: [5]} for node in gemms)
 
 
 def test_mlp_learns_a_separable_problem_and_eta_changes_without_recompiling():
