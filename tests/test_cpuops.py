@@ -114,6 +114,10 @@ class CorrMMWithoutAVX512(WithoutAVX512, cpuops.CorrMM):
     """CorrMM without AVX-512: Theano's path, the direct one left out."""
 
 
+class PooledFilterGradWithoutAVX512(WithoutAVX512, cpuops.PooledFilterGrad):
+    """PooledFilterGrad without AVX-512: the maxima found 8 at a time, as bits."""
+
+
 @pytest.mark.parametrize('op', [cpuops.CorrMM, CorrMMWithoutAVX512])
 @pytest.mark.parametrize('openmp', [False, True])
 @pytest.mark.parametrize('dtype', ['float32', 'float64'])
@@ -135,15 +139,16 @@ def test_direct_correlation_equals_numpys(shape, filters, dtype, openmp, op):
     np.testing.assert_allclose(f(x_strided, W[:, :, ::-1]), np_correlate(x, W[:, :, ::-1]), rtol=rtol, atol=rtol * 10)
 
 
+@pytest.mark.parametrize('op', [cpuops.PooledFilterGrad, PooledFilterGradWithoutAVX512])
 @pytest.mark.parametrize('openmp', [False, True])
 @pytest.mark.parametrize('ws, st, shape, filters, values', [
     ((4, 4), (4, 4), (5, 3, 32, 32), (16, 5, 5), 'normal'),     # the published layer
     ((4, 4), (4, 4), (5, 3, 32, 32), (16, 5, 5), 'ties'),       # maxima held twice or more
     ((3, 2), (3, 3), (3, 2, 12, 11), (4, 2, 3), 'normal'),      # gaps between windows, borders left out
     ((2, 2), (2, 2), (2, 2, 14, 14), (3, 3, 9), 'normal'),      # a filter wider than 8: the plain loop
-    ((2, 3), (2, 4), (2, 1, 9, 150), (2, 2, 3), 'normal'),      # 147 columns under windows: 3 words of bits
+    ((2, 3), (2, 4), (2, 1, 9, 150), (2, 2, 3), 'normal'),      # 147 columns under windows: 3 words of bits, 10 vectors
     ((2, 2), (2, 2), (2, 1, 10, 10), (2, 3, 3), 'float64')])
-def test_pooled_filter_gradient_equals_theanos_pair(ws, st, shape, filters, values, openmp):
+def test_pooled_filter_gradient_equals_theanos_pair(ws, st, shape, filters, values, openmp, op):
     rng = np.random.RandomState(0)
     dtype = 'float64' if values == 'float64' else nnet.floatX
     x = rng.randn(*shape).astype(dtype)
@@ -154,7 +159,7 @@ def test_pooled_filter_gradient_equals_theanos_pair(ws, st, shape, filters, valu
     c = corr.CorrMM('valid', (1, 1))(x_, W_)
     z = cpuops.MaxPool(ws, st)(c)
     dense = corr.CorrMM_gradWeights('valid', (1, 1))(x_, cpuops.MaxPoolGrad(ws, st)(c, z, gz_), W_.shape[-2:])
-    sparse = cpuops.PooledFilterGrad(ws, st, openmp=openmp)(x_, c, z, gz_)
+    sparse = op(ws, st, openmp=openmp)(x_, c, z, gz_)
     gz = rng.randn(*z.eval({x_: x, W_: W}).shape).astype(dtype)
     theirs, ours = theano.function([x_, W_, gz_], [dense, sparse])(x, W, gz)
     assert ours.shape == theirs.shape == W.shape
