@@ -83,6 +83,42 @@ class _Pooling(OpenMPOp):
         return dict(wh=wh, ww=ww, sh=sh, sw=sw, parallel=parallel, fail=sub['fail'])
 
 
+# MaxPool with AVX-512 (float32), where a row of windows lies within 32 columns (ow <= 16): a
+# window per vector lane, its maximum taken over the window's elements in the same order as the
+# plain loop (the element of lane j, row[j * sw + b], picked out of the row's two vectors by a
+# permutation), with the same comparison (x > m: ordered, so NaN and -0 come out alike).  The
+# plain loop took 0.14 ms of a 5.1 ms training step and 0.9 ms an evaluation call of 500 images.
+MAX_POOL_LANES_SETUP = """
+        #ifdef __AVX512F__
+        const int lanes16 = ow <= 16 && (ow - 1) * %(sw)d + %(ww)d <= 32;
+        const __mmask16 first = W >= 16 ? 0xFFFF : (__mmask16)((1u << W) - 1);
+        const __mmask16 second = W >= 32 ? 0xFFFF : W > 16 ? (__mmask16)((1u << (W - 16)) - 1) : 0;
+        const __mmask16 stored = (__mmask16)((1u << (ow < 16 ? ow : 16)) - 1);
+        __m512i columns[%(ww)d];                    // lane j: column j * sw + b
+        for (int b = 0; b < %(ww)d; b++)
+            columns[b] = _mm512_add_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                             _mm512_set1_epi32(%(sw)d)), _mm512_set1_epi32(b));
+        #endif"""
+MAX_POOL_LANES = """
+            #ifdef __AVX512F__
+            if (lanes16) {
+                for (npy_intp i = 0; i < oh; i++) {
+                    __m512 m = _mm512_setzero_ps();
+                    for (int a = 0; a < %(wh)d; a++) {
+                        const float* row = xp + (i * %(sh)d + a) * W;
+                        const __m512 low = _mm512_maskz_loadu_ps(first, row), high = _mm512_maskz_loadu_ps(second, row + 16);
+                        for (int b = 0; b < %(ww)d; b++) {
+                            const __m512 e = _mm512_permutex2var_ps(low, columns[b], high);
+                            m = a == 0 && b == 0 ? e : _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(e, m, _CMP_GT_OQ), e);
+                        }
+                    }
+                    _mm512_mask_storeu_ps(zp + i * ow, stored, m);
+                }
+                continue;
+            }
+            #endif"""
+
+
 class MaxPool(_Pooling):
     """x (N, C, H, W) -> z (N, C, (H - wh) // sh + 1, (W - ww) // sw + 1): each window's maximum."""
 
@@ -99,11 +135,20 @@ class MaxPool(_Pooling):
     def L_op(self, inputs, outputs, output_grads):      # the pooled output as computed, not a second node
         return [MaxPoolGrad(self.ws, self.stride)(inputs[0], outputs[0], output_grads[0])]
 
+    def c_code_cache_version(self):        # raise it with any change to c_code or MAX_POOL_LANES*
+        return ('max-pool-lanes', 1, self.openmp)
+
+    def c_headers(self):
+        return super().c_headers() + ['<immintrin.h>']
+
     def c_code(self, node, name, inputs, outputs, sub):
         x, = inputs
         z, = outputs
         c = dict(self.constants(sub), x=x, z=z)
         c['alloc'] = _c_array(z, 'zdims', 'xc', 'Py_DECREF(xc); ' + c['fail'])
+        float32 = node.inputs[0].dtype == 'float32'
+        c['lanes_setup'] = (MAX_POOL_LANES_SETUP if float32 else '') % c
+        c['lanes'] = (MAX_POOL_LANES if float32 else '') % c
         # in braces: `fail` jumps past the block's end, over its declarations
         return """{
         PyArrayObject* xc = PyArray_GETCONTIGUOUS(%(x)s);
@@ -121,10 +166,12 @@ class MaxPool(_Pooling):
         const npy_intp planes = d[0] * d[1];
         const dtype_%(x)s* x0 = (const dtype_%(x)s*)PyArray_DATA(xc);
         dtype_%(z)s* z0 = (dtype_%(z)s*)PyArray_DATA(%(z)s);
+        %(lanes_setup)s
         %(parallel)s
         for (npy_intp p = 0; p < planes; p++) {
             const dtype_%(x)s* xp = x0 + p * H * W;
             dtype_%(z)s* zp = z0 + p * oh * ow;
+            %(lanes)s
             for (npy_intp i = 0; i < oh; i++)
                 for (npy_intp j = 0; j < ow; j++) {
                     const dtype_%(x)s* window = xp + i * %(sh)d * W + j * %(sw)d;

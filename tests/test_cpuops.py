@@ -13,11 +13,25 @@ from theano.gof.cmodule import GCC_compiler
 from theano.tensor.nnet import corr
 from theano.tensor.signal.pool import pool_2d
 
+
+class WithoutAVX512:
+    """An op compiled as for a CPU without AVX-512 (Theano adds the detected -mavx512f after
+    gcc.cxxflags, so that flag cannot take it away)."""
+
+    def c_no_compile_args(self):            # the detected -march and AVX-512 flags
+        GCC_compiler.compile_args()
+        return [f for f in GCC_compiler.march_flags or [] if f.startswith(('-march=', '-mavx512'))]
+
+    def c_compile_args(self):
+        return super().c_compile_args() + ['-mno-avx512f']
+
+
 CASES = [((4, 4), (4, 4), (3, 2, 28, 28)),      # the published window
          ((4, 4), (2, 2), (3, 2, 28, 28)),      # overlapping: most elements in several windows
          ((2, 3), (1, 2), (2, 3, 11, 9)),       # unequal sides, borders left out
          ((3, 2), (2, 3), (1, 2, 7, 9)),        # strides larger than the window: gaps
-         ((5, 5), (1, 1), (2, 1, 5, 5))]        # one window the size of the map
+         ((5, 5), (1, 1), (2, 1, 5, 5)),        # one window the size of the map
+         ((2, 2), (2, 2), (1, 2, 6, 70))]       # 35 windows a row: more than a vector's lanes
 
 
 def assert_same_bits(ours, theirs):
@@ -32,18 +46,26 @@ def pooled_and_gradient(pool, x, weights):
     return theano.function([x_], [z, gx])(x)
 
 
+class MaxPoolWithoutAVX512(WithoutAVX512, cpuops.MaxPool):
+    """MaxPool without AVX-512: the plain loop alone."""
+
+
+@pytest.mark.parametrize('op', [cpuops.MaxPool, MaxPoolWithoutAVX512])
 @pytest.mark.parametrize('openmp', [False, True])
 @pytest.mark.parametrize('ws, st, shape', CASES)
-@pytest.mark.parametrize('values', ['normal', 'ties'])
-def test_max_pool_and_its_gradient_equal_theanos_bit_for_bit(ws, st, shape, values, openmp):
+@pytest.mark.parametrize('values', ['normal', 'ties', 'nan'])
+def test_max_pool_and_its_gradient_equal_theanos_bit_for_bit(ws, st, shape, values, openmp, op):
     rng = np.random.RandomState(0)
     x = rng.randn(*shape).astype(nnet.floatX)
-    if values == 'ties':            # maxima held twice or more: the gradient goes to every copy
+    if values == 'ties':            # maxima held twice or more (+0 and -0 too): the gradient goes to every copy
         x = np.round(x)
+    if values == 'nan':             # NaN kept where it comes first in its window, as Theano's
+        x.flat[::7] = np.nan
+        x.flat[3::11] = np.inf
     zshape = shape[:2] + tuple((n - w) // s + 1 for n, w, s in zip(shape[2:], ws, st))
     weights = rng.randn(*zshape).astype(nnet.floatX)
     weights.flat[::5] = -0.0        # Theano adds gz to a zeroed gx: a gradient of -0 lands as +0
-    ours = pooled_and_gradient(lambda v: cpuops.MaxPool(ws, st, openmp=openmp)(v), x, weights)
+    ours = pooled_and_gradient(lambda v: op(ws, st, openmp=openmp)(v), x, weights)
     theirs = pooled_and_gradient(lambda v: pool_2d(v, ws=ws, stride=st, ignore_border=True), x, weights)
     assert ours[0].shape == zshape
     assert_same_bits(ours[0], theirs[0])
@@ -96,18 +118,6 @@ def np_correlate(x, W):
     """The valid correlation in float64, from numpy's sliding windows."""
     patches = np.lib.stride_tricks.sliding_window_view(x.astype(np.float64), W.shape[2:], axis=(2, 3))
     return np.einsum('nchwij,fcij->nfhw', patches, W.astype(np.float64))
-
-
-class WithoutAVX512:
-    """An op compiled as for a CPU without AVX-512 (Theano adds the detected -mavx512f after
-    gcc.cxxflags, so that flag cannot take it away)."""
-
-    def c_no_compile_args(self):            # the detected -march and AVX-512 flags
-        GCC_compiler.compile_args()
-        return [f for f in GCC_compiler.march_flags or [] if f.startswith(('-march=', '-mavx512'))]
-
-    def c_compile_args(self):
-        return super().c_compile_args() + ['-mno-avx512f']
 
 
 class CorrMMWithoutAVX512(WithoutAVX512, cpuops.CorrMM):
