@@ -1,6 +1,6 @@
-"""Faster CPU code for three of Theano's ops, giving their values bit for bit (the forward
-convolution up to float rounding), and for the filter gradient through max-pooling, giving it
-up to float rounding.
+"""Faster CPU code for three of Theano's ops and for a layer's threshold and ReLU, giving their
+values bit for bit (the forward convolution up to float rounding), and for the filter gradient
+through max-pooling, giving it up to float rounding.
 
 Max-pooling and its gradient: Theano's Pool and MaxPoolGrad serve any number of
 dimensions, padding and modes through per-element index arithmetic, and the gradient
@@ -10,7 +10,10 @@ windows 27%.  MaxPool and MaxPoolGrad here do what Theano's do for 4-d inputs, n
 borders left out, in plain loops over one (image, channel) plane per OpenMP thread: the
 maximum starts from a window's first element and takes a later one only if larger (so a
 NaN is kept only if it comes first), and the gradient goes to every element equal to its
-window's maximum, summed over the windows that hold it in the same order as Theano's.
+window's maximum, summed over the windows that hold it in the same order as Theano's.  With
+AVX-512, MaxPool takes a row of windows at once, a window per vector lane (MAX_POOL_LANES).
+
+Thresholds and ReLU: BiasReLU, max(x + b, 0) in one pass (see its docstring).
 
 The convolution: Theano's CorrMM copies each image's 5x5 patches into a matrix (im2col)
 and multiplies it with the filters; its im2col checks the padding bounds of every single
