@@ -237,9 +237,13 @@ def test_mnist_mlp_runs_end_to_end(tmp_path):
 
 @contextlib.contextmanager
 def started(*args):
-    """A driver started with its output on a pipe; killed if the test fails before it ends."""
+    """A driver started with its output on a pipe; killed if the test fails before it ends.
+    Ctrl-C's SIGINT handled as in a terminal's foreground job, also when the tests themselves run
+    in a background job (whose children a shell without job control starts with SIGINT ignored:
+    `python tests/mutate.py &` saw every stopped run time out)."""
     proc = subprocess.Popen([sys.executable] + list(args), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         yield proc
     finally:
