@@ -34,9 +34,11 @@ import machine                                       # first: Theano's flags
 import theano                                        # noqa: E402
 import theano.tensor as T                            # noqa: E402
 from theano.compile import optdb                     # noqa: E402
-from theano.gof import InconsistencyError, OpenMPOp, Optimizer, toolbox  # noqa: E402
-from theano.gof.opt import in2out, local_optimizer                       # noqa: E402
+from theano.gof import OpenMPOp                                          # noqa: E402
+from theano.gof.opt import TopoOptimizer, in2out, local_optimizer        # noqa: E402
 from theano.tensor import blas                                           # noqa: E402
+
+from cpuops import c_alias                                               # noqa: E402
 
 DENSE_GEMM = r"""
 #ifdef __AVX512F__
@@ -202,9 +204,8 @@ static inline void dense_block(npy_intp kc, const float* a, npy_intp rsa, npy_in
 // B[k][j] at b[k * rsb + j * csb]; with w (a parameter stored as C; else NULL), then C += d * w
 // and w += C, the momentum update.  0 on success, -1 out of memory.
 // Where all of B packed fits the cache (the weights' gradient: 100 rows), it is packed once and
-// each OpenMP thread takes whole 8-row blocks of C: a thread then writes the same half of C's rows
-// as Theano's elementwise ops, on two threads, next read (the momentum update).  Otherwise each
-// thread takes whole 32-column panels of C, packing each panel of B as it comes.
+// each OpenMP thread takes whole 8-row blocks of C (whole rows of C and w written by one thread);
+// otherwise each thread takes whole 32-column panels of C, packing each panel of B as it comes.
 static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const float* a, npy_intp rsa, npy_intp csa,
                       const float* b, npy_intp rsb, npy_intp csb, float beta, float* c, npy_intp ldc,
                       float* w, float d) {
@@ -322,7 +323,7 @@ class _Dense:
         return super().c_compile_args() + ['-fopenmp']
 
     def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or ours_first
-        return super().c_code_cache_version() + ('dense', 15)
+        return super().c_code_cache_version() + ('dense', 16)
 
 
 class Dot22(_Dense, blas.Dot22):
@@ -357,7 +358,7 @@ def momentum(p, v, g, mu, eta, lam=None):
 
 class MomentumUpdate(OpenMPOp):
     """(v, p, g, mu, c[, d]) -> (v', p'): v' = mu v + c g (+ d p), p' = p + v'; momentum()'s step,
-    each element read and written once, in v's and p's own buffers once in place (cpublas_momentum)."""
+    each element read and written once, in v's and p's own buffers once in place (momentum_in_place)."""
     __props__ = ('decay', 'inplace')
 
     def __init__(self, decay, inplace=False, openmp=None):
@@ -392,7 +393,7 @@ class MomentumUpdate(OpenMPOp):
         return shapes[:2]
 
     def c_code_cache_version(self):        # raise it with any change to c_code
-        return (1, self.openmp)
+        return (2, self.openmp)
 
     def c_code(self, node, name, inputs, outputs, sub):
         v, p, g, mu, c = inputs[:5]
@@ -400,12 +401,7 @@ class MomentumUpdate(OpenMPOp):
         v_out, p_out = outputs
         t = 'dtype_' + v
         fail = sub['fail']
-        take = ''.join("""
-        if (%(out)s != %(a)s) {
-            Py_XDECREF(%(out)s);
-            %(out)s = %(a)s;
-            Py_INCREF(%(out)s);
-        }""" % dict(out=out, a=a) if self.inplace else """
+        take = ''.join(c_alias(out, a) if self.inplace else """
         Py_XDECREF(%(out)s);
         %(out)s = (PyArrayObject*)PyArray_NewCopy(%(a)s, NPY_CORDER);
         if (!%(out)s) { Py_DECREF(gc); %(fail)s }""" % dict(out=out, a=a, fail=fail)
@@ -497,7 +493,7 @@ class MomentumGemm(Gemm):
         return [shapes[0], shapes[5]]
 
     def c_code_cache_version(self):        # raise it with any change to c_code
-        return super().c_code_cache_version() + ('momentum', 1)
+        return super().c_code_cache_version() + ('momentum', 2)
 
     def c_code(self, node, name, inputs, outputs, sub):
         _z, _a, _x, _y, _b, _p = inputs[:6]
@@ -532,12 +528,8 @@ class MomentumGemm(Gemm):
                     *pij += *vij;
                 }
         }
-        if (%(_pout)s != %(_p)s) {
-            Py_XDECREF(%(_pout)s);
-            %(_pout)s = %(_p)s;
-            Py_INCREF(%(_pout)s);
-        }
-        }""" % locals()
+        %(alias)s
+        }""" % dict(locals(), alias=c_alias(_pout, _p))
 
 
 class ChannelSum(theano.Op):
@@ -627,30 +619,23 @@ def use_dense_gemm(node):
     return False
 
 
-class MomentumInPlace(Optimizer):
-    """Each MomentumUpdate in v's and p's own buffers: fused with its gradient where that is our
-    Dot22 used by nothing else (MomentumGemm), else MomentumUpdate{inplace}; left as it is where
-    Theano's destroy handler refuses both (another op still reads v or p after it)."""
+@local_optimizer([MomentumUpdate])
+def momentum_with_product(node):
+    """MomentumUpdate whose gradient is our Dot22, used by nothing else: MomentumGemm, in place."""
+    if not isinstance(node.op, MomentumUpdate) or node.op.inplace:
+        return False
+    v, p, g, mu, c = node.inputs[:5]
+    if g.owner and isinstance(g.owner.op, Dot22) and len(g.clients) == 1:
+        return MomentumGemm(node.op.decay)(v, c, *g.owner.inputs, mu, p, *node.inputs[5:])
+    return False
 
-    def add_requirements(self, fgraph):
-        fgraph.attach_feature(toolbox.ReplaceValidate())
 
-    def apply(self, fgraph):
-        for node in fgraph.toposort():
-            if not isinstance(node.op, MomentumUpdate) or node.op.inplace:
-                continue
-            v, p, g, mu, c = node.inputs[:5]
-            decay = node.inputs[5:]
-            choices = []
-            if g.owner and isinstance(g.owner.op, Dot22) and len(g.clients) == 1:
-                choices.append(lambda: MomentumGemm(node.op.decay)(v, c, *g.owner.inputs, mu, p, *decay))
-            choices.append(lambda: MomentumUpdate(node.op.decay, inplace=True)(*node.inputs))
-            for make in choices:
-                try:
-                    fgraph.replace_all_validate(list(zip(node.outputs, make())), reason='cpublas_momentum')
-                    break
-                except InconsistencyError:
-                    pass
+@local_optimizer([MomentumUpdate])
+def momentum_in_place(node):
+    """Any other MomentumUpdate: in v's and p's own buffers."""
+    if isinstance(node.op, MomentumUpdate) and not node.op.inplace:
+        return MomentumUpdate(node.op.decay, inplace=True)(*node.inputs)
+    return False
 
 
 optdb.register('cpublas_channel_sum', in2out(use_channel_sum, name='cpublas_channel_sum'), 70.6, 'fast_run')
@@ -658,6 +643,10 @@ if theano.config.blas.ldflags and theano.config.openmp:
     # after Theano's BLAS optimizations, Gemm's in-place one (70) included
     optdb.register('cpublas_dense_gemm', in2out(use_dense_gemm, name='cpublas_dense_gemm'),
                    70.5, 'fast_run')
-# after the products are ours (70.5): in place, as Theano's in-place optimizations (after 49.5,
-# its destroy handler)
-optdb.register('cpublas_momentum', MomentumInPlace(), 70.7, 'fast_run', 'inplace')
+# after the products are ours (70.5), in place as Theano's in-place optimizations (after 49.5, its
+# destroy handler): fused with the product where it can be, else alone; where another op still
+# reads v or p, the destroy handler refuses the replacement and the op stays out of place
+for position, optimizer in ((70.7, momentum_with_product), (70.71, momentum_in_place)):
+    optdb.register('cpublas_' + optimizer.__name__,
+                   TopoOptimizer(optimizer, failure_callback=TopoOptimizer.warn_inplace),
+                   position, 'fast_run', 'inplace')

@@ -65,6 +65,16 @@ def _c_array(var, dims, like, fail, ndim='4'):
     """ % locals()
 
 
+def c_alias(var, source):
+    """C that makes output `var` the array `source` itself (an in-place op's output)."""
+    return """
+    if (%(var)s != %(source)s) {
+        Py_XDECREF(%(var)s);
+        %(var)s = %(source)s;
+        Py_INCREF(%(var)s);
+    }""" % locals()
+
+
 class _Pooling(OpenMPOp):
     """What the pooling ops share: window and stride as compile-time constants, OpenMP."""
     __props__ = ('ws', 'stride')
@@ -797,7 +807,7 @@ class BiasReLU(OpenMPOp):
         return [gx, gx.sum(axis=(0,) + tuple(range(2, x.ndim)))]
 
     def c_code_cache_version(self):        # raise it with any change to c_code
-        return (2, self.openmp)
+        return (3, self.openmp)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, b = inputs
@@ -807,10 +817,7 @@ class BiasReLU(OpenMPOp):
         release = 'Py_XDECREF(xc); Py_XDECREF(bc);'
         alloc = _c_array(z, 'PyArray_DIMS(xc)', 'xc', release + fail, ndim='PyArray_NDIM(xc)')
         if self.inplace:        # x itself where contiguous (else its contiguous copy, ours alone)
-            alloc = """
-            Py_XDECREF(%(z)s);
-            %(z)s = xc;
-            Py_INCREF(%(z)s);""" % locals()
+            alloc = c_alias(z, 'xc')
         parallel = '#pragma omp parallel for schedule(static) if (N * C * S > 100000)' if self.openmp else ''
         return """{
         PyArrayObject* xc = PyArray_GETCONTIGUOUS(%(x)s);
