@@ -1,0 +1,176 @@
+"""The compiled graphs as Theano builds them for the GPU (device=cuda), checked without a GPU.
+
+Our CPU ops (cpuops.py, cpublas.py) must stay out of the GPU's graphs: Theano cannot move
+them, so each would run on the host between two transfers, every step, and the run would
+still pass the driver's own check (some GPU op in the step).  A real GPU is rare here, so
+this file runs Theano's optimizer on the training and evaluation graphs under a stand-in GPU
+context: the GPU's optimizations and shared variables enabled as `device=cuda` does, host
+arrays standing in for the GPU's, nothing executed.  Needs pygpu (bash setup.sh --gpu).
+
+Run as a script (python tests/test_gpu_graph.py), it prints each graph's nodes as JSON; the
+tests run it in a subprocess, as the stand-in changes Theano for the whole process.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CONFIGS = {   # name: (convolution stages (nfilter, (h, w), ds, st), hidden layers, conv)
+    'default': ([(16, (5, 5), (4, 4), None)], [1000], 'auto'),
+    'conv2d': ([(16, (5, 5), (4, 4), None)], [1000], 'conv2d'),
+    '64-overlap': ([(64, (5, 5), (4, 4), (2, 2))], [1000], 'auto'),
+    'two-relu': ([(64, (5, 5), (4, 4), None)], [1000, 1000], 'auto'),
+    'mlp': ([], [1000], None),
+}
+
+
+def gpu_graphs():
+    """{config: {'train'|'eval': [node, ...]}}, a node {'op', 'module', 'inputs': [...], 'outputs': [...]}."""
+    os.environ['THEANO_FLAGS'] = 'device=cpu,on_opt_error=warn,on_shape_error=raise'
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import logging
+
+    import machine  # noqa: F401  (first, as in the drivers)
+    import numpy as np
+    import pygpu
+    import theano
+    import theano.gpuarray.type as gtype
+    from theano.compile import optdb
+
+    class StandInContext:
+        kind = b'cuda'
+        devname = 'stand-in'
+
+    # what theano.gpuarray.use() does once the device has started
+    gtype._context_reg[None] = StandInContext()
+    optdb.add_tags('gpuarray_opt', 'fast_run', 'fast_compile')
+    optdb.add_tags('gpua_scanOp_make_inplace', 'fast_run')
+    theano.compile.shared_constructor(gtype.gpuarray_shared_constructor)
+    machine.gpu_asked = lambda: True
+    # host arrays stand in for the GPU's
+    to_gpu, gpu_filter = pygpu.gpuarray.array, gtype.GpuArrayType.filter_inplace
+    pygpu.gpuarray.array = lambda value, *a, context=None, **kw: (
+        np.array(value) if isinstance(context, StandInContext) else to_gpu(value, *a, context=context, **kw))
+    gtype.GpuArrayType.filter_inplace = lambda self, data, old, strict=False, allow_downcast=None: (
+        np.asarray(data, self.dtype) if isinstance(self.context, StandInContext)
+        else gpu_filter(self, data, old, strict, allow_downcast))
+    # constant folding of a transfer runs it: that fails here, and the constant stays unfolded
+    logging.getLogger('theano.gof.opt').setLevel(logging.CRITICAL)
+
+    import convnet
+    import nnet
+
+    class Optimized(Exception):
+        pass
+
+    class StopAtLinker:   # FunctionMaker hands the optimized graph to the linker: keep it, compile nothing
+        def accept(self, fgraph, no_recycling=None, profile=None):
+            raise Optimized(fgraph)
+
+    compile_function, graphs = theano.function, {}
+
+    def optimize(inputs, outputs, name=None, **kwargs):
+        try:
+            compile_function(inputs, outputs, name=name, mode=theano.compile.Mode(StopAtLinker(), 'fast_run'),
+                             **kwargs)
+        except Optimized as done:
+            fgraph = done.args[0]
+        graphs[name] = [describe(node) for node in theano.gof.graph.io_toposort(fgraph.inputs, fgraph.outputs)]
+
+    def describe(node):
+        def var(v):
+            return {'ndim': v.type.ndim if hasattr(v.type, 'ndim') else None, 'dtype': getattr(v.type, 'dtype', None),
+                    'constant': isinstance(v, theano.gof.Constant), 'name': v.name}
+        return {'op': type(node.op).__name__, 'module': type(node.op).__module__, 'str': str(node)[:200],
+                'inputs': [var(v) for v in node.inputs], 'outputs': [var(v) for v in node.outputs]}
+
+    theano.function = optimize
+    result = {}
+    for config, (convpool, hidden, conv) in CONFIGS.items():
+        rng = np.random.RandomState(0)
+        if convpool:
+            net, shape, D = convnet.CNN(rng, (3, 32, 32), convpool, hidden, 10, conv=conv), (3, 32, 32), 3072
+        else:
+            net, shape, D = nnet.MLP(rng, 784, hidden, 10), None, 784
+        data = {k: (np.zeros((n, D), 'float32'), np.zeros(n, 'int32')) for k, n in (('L', 200), ('V', 100))}
+        graphs.clear()
+        nnet.Trainer(net, data, 100, 0.01, 0.9, 0.0001, input_shape=shape)
+        result[config] = dict(graphs)
+    return result
+
+
+@pytest.fixture(scope='module')
+def graphs():
+    if importlib.util.find_spec('pygpu') is None:
+        pytest.skip('needs pygpu: bash setup.sh --gpu')
+    done = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def on_gpu(node):
+    return node['module'].startswith('theano.gpuarray')
+
+
+def shape_arithmetic(node):
+    """Theano computes shapes on the host: scalars (0-d, or Theano's own scalars) and int64 vectors."""
+    return all(v['ndim'] in (0, None) or (v['ndim'] == 1 and v['dtype'] == 'int64') for v in node['outputs'])
+
+
+@pytest.mark.parametrize('config', sorted(CONFIGS))
+@pytest.mark.parametrize('fn', ['train', 'eval'])
+def test_the_host_only_does_shape_arithmetic(graphs, config, fn):
+    for node in graphs[config][fn]:
+        assert on_gpu(node) or shape_arithmetic(node), node['str']
+
+
+@pytest.mark.parametrize('config', sorted(CONFIGS))
+@pytest.mark.parametrize('fn', ['train', 'eval'])
+def test_only_scalars_cross_the_bus(graphs, config, fn):
+    """Data, parameters and velocities live on the GPU: in go the shared scalars (eta, mu, lam)
+    and the minibatch size, out come the two sums (cost, correct)."""
+    nodes = graphs[config][fn]
+    for node in nodes:
+        if node['op'] == 'GpuFromHost':
+            # a constant too: folded on a real GPU (here folding would run the transfer)
+            assert node['inputs'][0]['ndim'] == 0 or node['inputs'][0]['constant'], node['str']
+    assert [n['op'] for n in nodes].count('HostFromGpu') == 2
+    assert all(n['inputs'][0]['ndim'] == 0 for n in nodes if n['op'] == 'HostFromGpu')
+
+
+def ops(graphs, config, fn):
+    return [n['op'] for n in graphs[config][fn]]
+
+
+def test_the_published_step_on_the_gpu(graphs):
+    train = ops(graphs, 'default', 'train')
+    # im2col: the minibatch's patches in one kernel, products by cuBLAS (no GpuCorrMM's loop)
+    assert 'GpuImages2Neibs' in train and 'GpuCorrMM' not in train
+    for op in ('GpuPool', 'GpuMaxPoolGrad', 'GpuCrossentropySoftmaxArgmax1HotWithBias',
+               'GpuCrossentropySoftmax1HotWithBiasDx'):
+        assert op in train
+    # forward: the convolution and the two dense layers; back: the three weights' gradients and
+    # the gradients through the two dense layers (none for the images)
+    assert train.count('GpuDot22') + train.count('GpuGemm') == 8
+    # cpublas.momentum's sum for the GPU: the dense layers' gradient products added into v's buffer
+    assert sum(n['str'].startswith('GpuGemm{inplace=True}') for n in graphs['default']['train']) == 2
+    evaluate = ops(graphs, 'default', 'eval')
+    assert 'GpuMaxPoolGrad' not in evaluate and 'GpuCrossentropySoftmax1HotWithBiasDx' not in evaluate
+
+
+def test_conv2d_is_gpucorrmm(graphs):
+    train = ops(graphs, 'conv2d', 'train')
+    assert 'GpuCorrMM' in train and 'GpuCorrMM_gradWeights' in train and 'GpuImages2Neibs' not in train
+
+
+def test_none_of_our_cpu_ops(graphs):
+    ours = {n['op'] for g in graphs.values() for nodes in g.values() for n in nodes
+            if n['module'].split('.')[0] in ('cpuops', 'cpublas')}
+    assert not ours
+
+
+if __name__ == '__main__':
+    print(json.dumps(gpu_graphs()))
