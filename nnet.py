@@ -148,10 +148,11 @@ class TrainingDiverged(Exception):
 
 
 # The evaluation passes (the log's L, V and T columns) take no gradient, so they run in larger
-# minibatches than training: fewer, larger products.  Measured per 100 rows on the AMD EPYC of
-# RESULTS.md (minibatches of 100 / 500 / 1000): the default network 3.06 / 2.78 / 2.71 ms, 64
-# filters 11.08 / 9.90 / 9.71, 64 with overlapping pooling 23.95 / 19.43 / 19.39.  500 has most
-# of the gain at half the memory of 1000 (the conv output of 500 images of 256 maps: 400 MB).
+# minibatches than training: fewer, larger products.  Per 100 rows on the AMD EPYC of RESULTS.md,
+# minibatches of 100 against 500 (the session that added BiasReLU): the default network 2.35
+# against 2.46 ms, 64 filters 9.56 against 8.76, 64 with overlapping pooling 19.12 against 17.40:
+# 500 for the larger networks, where the time is.  1000 gained little more (a session before) at
+# twice the memory (the conv output of 1000 images of 256 maps: 800 MB).
 EVAL_ROWS = 500
 
 
