@@ -634,7 +634,7 @@ def momentum_with_product(node):
 def momentum_in_place(node):
     """Any other MomentumUpdate: in v's and p's own buffers."""
     if isinstance(node.op, MomentumUpdate) and not node.op.inplace:
-        return MomentumUpdate(node.op.decay, inplace=True)(*node.inputs)
+        return MomentumUpdate(node.op.decay, inplace=True, openmp=node.op.openmp)(*node.inputs)
     return False
 
 

@@ -115,6 +115,10 @@ def on_gpu(node):
     return node['module'].startswith('theano.gpuarray')
 
 
+def ops(graphs, config, fn):
+    return [n['op'] for n in graphs[config][fn]]
+
+
 def shape_arithmetic(node):
     """Theano computes shapes on the host: scalars (0-d, or Theano's own scalars) and int64 vectors."""
     return all(v['ndim'] in (0, None) or (v['ndim'] == 1 and v['dtype'] == 'int64') for v in node['outputs'])
@@ -137,12 +141,8 @@ def test_only_scalars_cross_the_bus(graphs, config, fn):
         if node['op'] == 'GpuFromHost':
             # a constant too: folded on a real GPU (here folding would run the transfer)
             assert node['inputs'][0]['ndim'] == 0 or node['inputs'][0]['constant'], node['str']
-    assert [n['op'] for n in nodes].count('HostFromGpu') == 2
+    assert ops(graphs, config, fn).count('HostFromGpu') == 2
     assert all(n['inputs'][0]['ndim'] == 0 for n in nodes if n['op'] == 'HostFromGpu')
-
-
-def ops(graphs, config, fn):
-    return [n['op'] for n in graphs[config][fn]]
 
 
 def test_the_published_step_on_the_gpu(graphs):
