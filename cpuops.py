@@ -11,7 +11,8 @@ borders left out, in plain loops over one (image, channel) plane per OpenMP thre
 maximum starts from a window's first element and takes a later one only if larger (so a
 NaN is kept only if it comes first), and the gradient goes to every element equal to its
 window's maximum, summed over the windows that hold it in the same order as Theano's.  With
-AVX-512, MaxPool takes a row of windows at once, a window per vector lane (MAX_POOL_LANES).
+AVX-512, MaxPool takes a row of windows at once, a window per vector lane (MAX_POOL_LANES),
+and the gradient for overlapping windows a row of the map at once (OVERLAPPING_LANES).
 
 Thresholds and ReLU: BiasReLU, max(x + b, 0) in one pass (see its docstring).
 
@@ -89,6 +90,9 @@ class _Pooling(OpenMPOp):
     def c_code_cache_version(self):        # Theano reuses compiled code of the same version: raise it with any change
         return (5, self.openmp)
 
+    def c_headers(self):
+        return super().c_headers() + ['<immintrin.h>']
+
     def constants(self, sub):
         """The C code's substitutions: window, stride, the OpenMP pragma, the failure code."""
         (wh, ww), (sh, sw) = self.ws, self.stride
@@ -150,9 +154,6 @@ class MaxPool(_Pooling):
 
     def c_code_cache_version(self):        # raise it with any change to c_code or MAX_POOL_LANES*
         return ('max-pool-lanes', 1, self.openmp)
-
-    def c_headers(self):
-        return super().c_headers() + ['<immintrin.h>']
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, = inputs
@@ -233,7 +234,74 @@ DISJOINT_WINDOWS = """
             }"""
 
 # Overlapping windows: in Theano's order, so an element in several windows sums their
-# gradients alike.
+# gradients alike.  With AVX-512 (float32) and maps at most 32 columns wide, a row of gx is two
+# vectors, summed in registers on the thread's stack and stored once.  The window columns b
+# are taken sw at a time, from the last: those cover different columns (c - b differ by less
+# than sw), so one permutation spreads their windows' maxima and gradients over the row
+# (OVERLAPPING_LANES_SETUP says which window j each column c is in), one comparison finds
+# the row's maxima and one masked addition adds their gz, as Theano's `if (x == m) gx += gz`.
+# Per element the windows come in Theano's order (row of windows i, then column j), because
+# b runs down, so for column c, j = (c - b) / sw runs up.  The op alone (100 images, 64 maps
+# of 28 x 28, 4x4 windows at stride 2), alternating in one process with the plain loop below:
+# 0.22-0.24 of its time (1.40 against 6.27 ms); a window column at a time it was 0.31.
+OVERLAPPING_LANES_SETUP = """
+        #ifdef __AVX512F__
+        const int lanes32 = W <= 32 && H <= 256;    // a map's sums on the thread's stack: 32 KB at most
+        const __mmask16 first = W >= 16 ? 0xFFFF : (__mmask16)((1u << W) - 1);
+        const __mmask16 second = W >= 32 ? 0xFFFF : W > 16 ? (__mmask16)((1u << (W - 16)) - 1) : 0;
+        const __mmask16 zfirst = ow >= 16 ? 0xFFFF : (__mmask16)((1u << ow) - 1);
+        const __mmask16 zsecond = ow >= 32 ? 0xFFFF : ow > 16 ? (__mmask16)((1u << (ow - 16)) - 1) : 0;
+        __m512i window[%(groups)d][2];             // group k, column c: the window j = (c - b) / sw of its b
+        __mmask16 covered[%(groups)d][2];          // and whether c has one
+        for (int k = 0; k < %(groups)d; k++)
+            for (int half = 0; half < 2; half++) {
+                int js[16] = {0};
+                __mmask16 in = 0;
+                for (int lane = 0; lane < 16; lane++)
+                    for (int b = %(ww)d - 1 - k * %(sw)d; b >= 0 && b > %(ww)d - 1 - (k + 1) * %(sw)d; b--) {
+                        const npy_intp c = 16 * half + lane - b, j = c / %(sw)d;
+                        if (c >= 0 && c %% %(sw)d == 0 && j < ow) {
+                            js[lane] = (int)j;
+                            in |= (__mmask16)(1u << lane);
+                        }
+                    }
+                window[k][half] = _mm512_loadu_si512(js);
+                covered[k][half] = in;
+            }
+        #endif"""
+OVERLAPPING_LANES = """
+            #ifdef __AVX512F__
+            if (lanes32) {
+                __m512 sums[H][2];
+                for (npy_intp r = 0; r < H; r++)
+                    sums[r][0] = sums[r][1] = _mm512_setzero_ps();
+                for (npy_intp i = 0; i < oh; i++) {
+                    const __m512 zlow = _mm512_maskz_loadu_ps(zfirst, zp + i * ow), zhigh = _mm512_maskz_loadu_ps(zsecond, zp + i * ow + 16);
+                    const __m512 glow = _mm512_maskz_loadu_ps(zfirst, gzp + i * ow), ghigh = _mm512_maskz_loadu_ps(zsecond, gzp + i * ow + 16);
+                    __m512 m[%(groups)d][2], g[%(groups)d][2];
+                    for (int k = 0; k < %(groups)d; k++)
+                        for (int half = 0; half < 2; half++) {
+                            m[k][half] = _mm512_permutex2var_ps(zlow, window[k][half], zhigh);
+                            g[k][half] = _mm512_permutex2var_ps(glow, window[k][half], ghigh);
+                        }
+                    for (int a = 0; a < %(wh)d; a++) {
+                        const float* xr = xp + (i * %(sh)d + a) * W;
+                        const __m512 x[2] = {_mm512_maskz_loadu_ps(first, xr), _mm512_maskz_loadu_ps(second, xr + 16)};
+                        __m512* sum = sums[i * %(sh)d + a];
+                        for (int k = 0; k < %(groups)d; k++)
+                            for (int half = 0; half < 2; half++) {
+                                const __mmask16 max = _mm512_mask_cmp_ps_mask(covered[k][half], x[half], m[k][half], _CMP_EQ_OQ);
+                                sum[half] = _mm512_mask_add_ps(sum[half], max, sum[half], g[k][half]);
+                            }
+                    }
+                }
+                for (npy_intp r = 0; r < H; r++) {
+                    _mm512_mask_storeu_ps(gp + r * W, first, sums[r][0]);
+                    _mm512_mask_storeu_ps(gp + r * W + 16, second, sums[r][1]);
+                }
+                continue;
+            }
+            #endif"""
 OVERLAPPING_WINDOWS = """
             memset(gp, 0, H * W * sizeof(dtype_%(gx)s));
             for (npy_intp i = 0; i < oh; i++)
@@ -267,6 +335,9 @@ class MaxPoolGrad(_Pooling):
     def infer_shape(self, node, shapes):
         return [shapes[0]]
 
+    def c_code_cache_version(self):        # raise it with any change to c_code or OVERLAPPING_*
+        return ('max-pool-grad-lanes', 3, self.openmp)
+
     def c_code(self, node, name, inputs, outputs, sub):
         x, z, gz = inputs
         gx, = outputs
@@ -274,7 +345,10 @@ class MaxPoolGrad(_Pooling):
         c['release'] = 'Py_XDECREF(xc); Py_XDECREF(zc); Py_XDECREF(gzc);'
         c['alloc'] = _c_array(gx, 'PyArray_DIMS(xc)', 'xc', c['release'] + c['fail'])
         disjoint = self.stride[0] >= self.ws[0] and self.stride[1] >= self.ws[1]
-        c['loop'] = (DISJOINT_WINDOWS if disjoint else OVERLAPPING_WINDOWS) % c
+        lanes = not disjoint and node.inputs[0].dtype == 'float32'
+        c['groups'] = -(-self.ws[1] // self.stride[1])        # of window columns, sw to a group
+        c['lanes_setup'] = (OVERLAPPING_LANES_SETUP if lanes else '') % c
+        c['loop'] = ((OVERLAPPING_LANES if lanes else '') + (DISJOINT_WINDOWS if disjoint else OVERLAPPING_WINDOWS)) % c
         return """{
         PyArrayObject* xc = PyArray_GETCONTIGUOUS(%(x)s);
         PyArrayObject* zc = PyArray_GETCONTIGUOUS(%(z)s);
@@ -294,6 +368,7 @@ class MaxPoolGrad(_Pooling):
         const dtype_%(z)s* z0 = (const dtype_%(z)s*)PyArray_DATA(zc);
         const dtype_%(gz)s* gz0 = (const dtype_%(gz)s*)PyArray_DATA(gzc);
         dtype_%(gx)s* gx0 = (dtype_%(gx)s*)PyArray_DATA(%(gx)s);
+        %(lanes_setup)s
         %(parallel)s
         for (npy_intp p = 0; p < planes; p++) {
             const dtype_%(x)s* xp = x0 + p * H * W;
@@ -387,9 +462,6 @@ class PooledFilterGrad(_Pooling):
 
     def c_code_cache_version(self):        # raise it with any change to the C code
         return ('pooled-filter-grad', 18, self.openmp)     # 16, 17 and 99: experiments of earlier sessions
-
-    def c_headers(self):
-        return super().c_headers() + ['<immintrin.h>']
 
     def infer_shape(self, node, shapes):
         (n, C, H, W), (n, F, Hc, Wc) = shapes[:2]

@@ -31,7 +31,9 @@ CASES = [((4, 4), (4, 4), (3, 2, 28, 28)),      # the published window
          ((2, 3), (1, 2), (2, 3, 11, 9)),       # unequal sides, borders left out
          ((3, 2), (2, 3), (1, 2, 7, 9)),        # strides larger than the window: gaps
          ((5, 5), (1, 1), (2, 1, 5, 5)),        # one window the size of the map
-         ((2, 2), (2, 2), (1, 2, 6, 70))]       # 35 windows a row: more than a vector's lanes
+         ((2, 2), (2, 2), (1, 2, 6, 70)),       # 35 windows a row: more than a vector's lanes
+         ((2, 3), (1, 1), (2, 1, 4, 30)),       # overlapping, 28 windows a row: two vectors of them
+         ((3, 3), (2, 2), (1, 2, 7, 40))]       # overlapping, rows wider than two vectors: the plain loop
 
 
 def assert_same_bits(ours, theirs):
@@ -46,8 +48,15 @@ def pooled_and_gradient(pool, x, weights):
     return theano.function([x_], [z, gx])(x)
 
 
+class MaxPoolGradWithoutAVX512(WithoutAVX512, cpuops.MaxPoolGrad):
+    """MaxPoolGrad without AVX-512: the plain loops alone."""
+
+
 class MaxPoolWithoutAVX512(WithoutAVX512, cpuops.MaxPool):
-    """MaxPool without AVX-512: the plain loop alone."""
+    """MaxPool and its gradient without AVX-512: the plain loops alone."""
+
+    def L_op(self, inputs, outputs, output_grads):
+        return [MaxPoolGradWithoutAVX512(self.ws, self.stride)(inputs[0], outputs[0], output_grads[0])]
 
 
 @pytest.mark.parametrize('op', [cpuops.MaxPool, MaxPoolWithoutAVX512])
