@@ -186,7 +186,28 @@ def table(records, base):
         rows += ['| %s | %.2f | %s | %s | %s | %s |' % (differences(r, base), r['test'][1],
                                                       minutes(r['seconds']['total']), r['device'], r['date'][:10],
                                                       data_label(r)) for r in others]
-    return rows, done
+    return rows + mnist_rows(records), done
+
+
+MNIST_SETTINGS = ('H1', 'H2', 'eta', 'mu', 'lam', 'batchsize', 'nepoch', 'Wstd', 'seed')
+
+
+def mnist_rows(records):
+    """Rows of the MNIST MLP's completed runs (`python mnist_mlp.py`), oldest first."""
+    runs = sorted((r for r in records if r.get('status') == 'completed' and r.get('script') == 'mnist_mlp'),
+                  key=lambda r: r['date'])
+    if not runs:
+        return []
+    rows = ['', 'The MNIST MLP (`python mnist_mlp.py`; its split 50000 / 10000 / 10000):', '',
+            '| settings | our test % | data s | compile s | train s | total | device | BLAS | date | data |',
+            '|---|---|---|---|---|---|---|---|---|---|']
+    for r in runs:
+        s = r['seconds']
+        rows.append('| %s | **%.2f** | %.1f | %.1f | %.1f | %s | %s | %s | %s | %s |' % (
+            ', '.join('%s=%s' % (k, json.dumps(r['settings'][k])) for k in MNIST_SETTINGS if k in r['settings']),
+            r['test'][1], s['data'], s['compile'], s['train'], minutes(s['total']), r['device'],
+            r.get('blas', '').split(' (')[0], r['date'][:10], data_label(r)))
+    return rows
 
 
 def pictures(done):

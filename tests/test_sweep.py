@@ -71,6 +71,18 @@ def test_table_lists_completed_runs_beside_the_published_numbers():
         in rows[2]
 
 
+def test_mnist_runs_have_their_own_table():
+    mnist = dict(record(), script='mnist_mlp', settings={'H1': 1000, 'H2': None, 'eta': 0.1, 'datadir': None},
+                 data_sizes={'L': 50000, 'V': 10000, 'T': 10000})
+    rows, done = sweep.table([record(), mnist, dict(mnist, status='interrupted')], BASE)
+    assert done == [(sweep.CONFIGS[0], record())]
+    mnist_rows = rows[rows.index('| settings | our test % | data s | compile s | train s | total | device | BLAS'
+                                 ' | date | data |') + 2:]
+    assert mnist_rows == ['| H1=1000, H2=null, eta=0.1 | **70.00** | 1.0 | 2.0 | 300.0 | 5m03s | cpu: X | '
+                          '-lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | 2026-11-28 | ffffffff  |']
+    assert sweep.table([record()], BASE)[0] == rows[:-6]        # no MNIST runs: no MNIST table
+
+
 def test_parameter_files_resolve_from_the_records_folder(tmp_path):
     results = tmp_path / 'elsewhere' / 'results.jsonl'
     assert sweep.params_path({'params': 'cifar10_convnet-1.npz'}, str(results)) == \
