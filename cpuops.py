@@ -97,7 +97,16 @@ class _Pooling(OpenMPOp):
         """The C code's substitutions: window, stride, the OpenMP pragma, the failure code."""
         (wh, ww), (sh, sw) = self.ws, self.stride
         parallel = '#pragma omp parallel for schedule(static)' if self.openmp else ''
-        return dict(wh=wh, ww=ww, sh=sh, sw=sw, parallel=parallel, fail=sub['fail'])
+        return dict(wh=wh, ww=ww, sh=sh, sw=sw, parallel=parallel, fail=sub['fail'],
+                    row_masks=c_vector_pair_masks('W', 'first', 'second'))
+
+
+def c_vector_pair_masks(count, first, second):
+    """C declaring `first` and `second`, the lanes of two 16-lane vectors that hold `count` (a C
+    expression, at most 32) elements."""
+    return ('const __mmask16 {f} = {n} >= 16 ? 0xFFFF : (__mmask16)((1u << {n}) - 1);\n'
+            '        const __mmask16 {s} = {n} >= 32 ? 0xFFFF : {n} > 16 ? (__mmask16)((1u << ({n} - 16)) - 1) : 0;'
+            ).format(f=first, s=second, n=count)
 
 
 # MaxPool with AVX-512 (float32), where a row of windows lies within 32 columns (ow <= 16): a
@@ -108,8 +117,7 @@ class _Pooling(OpenMPOp):
 MAX_POOL_LANES_SETUP = """
         #ifdef __AVX512F__
         const int lanes16 = ow <= 16 && (ow - 1) * %(sw)d + %(ww)d <= 32;
-        const __mmask16 first = W >= 16 ? 0xFFFF : (__mmask16)((1u << W) - 1);
-        const __mmask16 second = W >= 32 ? 0xFFFF : W > 16 ? (__mmask16)((1u << (W - 16)) - 1) : 0;
+        %(row_masks)s
         const __mmask16 stored = (__mmask16)((1u << (ow < 16 ? ow : 16)) - 1);
         __m512i columns[%(ww)d];                    // lane j: column j * sw + b
         for (int b = 0; b < %(ww)d; b++)
@@ -153,7 +161,7 @@ class MaxPool(_Pooling):
         return [MaxPoolGrad(self.ws, self.stride)(inputs[0], outputs[0], output_grads[0])]
 
     def c_code_cache_version(self):        # raise it with any change to c_code or MAX_POOL_LANES*
-        return ('max-pool-lanes', 1, self.openmp)
+        return ('max-pool-lanes', 2, self.openmp)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, = inputs
@@ -247,10 +255,8 @@ DISJOINT_WINDOWS = """
 OVERLAPPING_LANES_SETUP = """
         #ifdef __AVX512F__
         const int lanes32 = W <= 32 && H <= 256;    // a map's sums on the thread's stack: 32 KB at most
-        const __mmask16 first = W >= 16 ? 0xFFFF : (__mmask16)((1u << W) - 1);
-        const __mmask16 second = W >= 32 ? 0xFFFF : W > 16 ? (__mmask16)((1u << (W - 16)) - 1) : 0;
-        const __mmask16 zfirst = ow >= 16 ? 0xFFFF : (__mmask16)((1u << ow) - 1);
-        const __mmask16 zsecond = ow >= 32 ? 0xFFFF : ow > 16 ? (__mmask16)((1u << (ow - 16)) - 1) : 0;
+        %(row_masks)s
+        %(window_masks)s
         __m512i window[%(groups)d][2];             // group k, column c: the window j = (c - b) / sw of its b
         __mmask16 covered[%(groups)d][2];          // and whether c has one
         for (int k = 0; k < %(groups)d; k++)
@@ -336,7 +342,7 @@ class MaxPoolGrad(_Pooling):
         return [shapes[0]]
 
     def c_code_cache_version(self):        # raise it with any change to c_code or OVERLAPPING_*
-        return ('max-pool-grad-lanes', 3, self.openmp)
+        return ('max-pool-grad-lanes', 4, self.openmp)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, z, gz = inputs
@@ -347,6 +353,7 @@ class MaxPoolGrad(_Pooling):
         disjoint = self.stride[0] >= self.ws[0] and self.stride[1] >= self.ws[1]
         lanes = not disjoint and node.inputs[0].dtype == 'float32'
         c['groups'] = -(-self.ws[1] // self.stride[1])        # of window columns, sw to a group
+        c['window_masks'] = c_vector_pair_masks('ow', 'zfirst', 'zsecond')
         c['lanes_setup'] = (OVERLAPPING_LANES_SETUP if lanes else '') % c
         c['loop'] = ((OVERLAPPING_LANES if lanes else '') + (DISJOINT_WINDOWS if disjoint else OVERLAPPING_WINDOWS)) % c
         return """{
