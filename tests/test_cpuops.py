@@ -33,7 +33,8 @@ CASES = [((4, 4), (4, 4), (3, 2, 28, 28)),      # the published window
          ((5, 5), (1, 1), (2, 1, 5, 5)),        # one window the size of the map
          ((2, 2), (2, 2), (1, 2, 6, 70)),       # 35 windows a row: more than a vector's lanes
          ((2, 3), (1, 1), (2, 1, 4, 30)),       # overlapping, 28 windows a row: two vectors of them
-         ((3, 3), (2, 2), (1, 2, 7, 40))]       # overlapping, rows wider than two vectors: the plain loop
+         ((3, 3), (2, 2), (1, 2, 7, 40)),       # overlapping, rows wider than two vectors: the plain loop
+         ((3, 2), (2, 1), (1, 1, 300, 7))]      # overlapping, more rows than the vectorised gradient keeps
 
 
 def assert_same_bits(ours, theirs):
