@@ -87,9 +87,6 @@ class _Pooling(OpenMPOp):
             raise ValueError('max_pool: window and stride must be two positive sizes each, not %s and %s'
                              % (ws, stride))
 
-    def c_code_cache_version(self):        # Theano reuses compiled code of the same version: raise it with any change
-        return (5, self.openmp)
-
     def c_headers(self):
         return super().c_headers() + ['<immintrin.h>']
 
@@ -243,7 +240,7 @@ DISJOINT_WINDOWS = """
 
 # Overlapping windows: in Theano's order, so an element in several windows sums their
 # gradients alike.  With AVX-512 (float32) and maps at most 32 columns wide, a row of gx is two
-# vectors, summed in registers on the thread's stack and stored once.  The window columns b
+# vectors; a map's rows are summed on the thread's stack and stored once, when complete.  The window columns b
 # are taken sw at a time, from the last: those cover different columns (c - b differ by less
 # than sw), so one permutation spreads their windows' maxima and gradients over the row
 # (OVERLAPPING_LANES_SETUP says which window j each column c is in), one comparison finds
@@ -342,7 +339,7 @@ class MaxPoolGrad(_Pooling):
         return [shapes[0]]
 
     def c_code_cache_version(self):        # raise it with any change to c_code or OVERLAPPING_*
-        return ('max-pool-grad-lanes', 4, self.openmp)
+        return ('max-pool-grad-lanes', 4, self.openmp)     # 9001 and 9002: mutation checks
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, z, gz = inputs
