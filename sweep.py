@@ -165,6 +165,15 @@ def data_label(r):
     return '%s %s' % (r.get('data_fingerprint', '')[:8] or '-', r['settings'].get('datanote') or r.get('data_dir', ''))
 
 
+def run_columns(r):
+    """A run's columns from its test accuracy on: test %, data, compile and train seconds, total,
+    device, BLAS, date, data."""
+    s = r['seconds']
+    return '**%.2f** | %.1f | %.1f | %.1f | %s | %s | %s | %s | %s |' % (
+        r['test'][1], s['data'], s['compile'], s['train'], minutes(s['total']), r['device'],
+        r.get('blas', '').split(' (')[0], r['date'][:10], data_label(r))
+
+
 def table(records, base):
     """Rows of the published configurations' runs, rows of the other runs; and the former as (entry, record)."""
     rows = ['| # | configuration | published CPU | published Tesla K20c | our test % | data s | compile s'
@@ -174,11 +183,7 @@ def table(records, base):
                  if r.get('status') == 'completed' and r.get('script') == 'cifar10_convnet']
     done = sorted(((entry, r) for entry, r in completed if entry), key=lambda d: (d[0][0], d[1]['date']))
     for entry, r in done:
-        s = r['seconds']
-        rows.append('| %d | %s | %s | %s | **%.2f** | %.1f | %.1f | %.1f | %s | %s | %s | %s | %s |' % (
-            entry[0], entry[1], entry[3][0] or '-', entry[3][1], r['test'][1], s['data'], s['compile'],
-            s['train'], minutes(s['total']), r['device'], r.get('blas', '').split(' (')[0], r['date'][:10],
-            data_label(r)))
+        rows.append('| %d | %s | %s | %s | %s' % (entry[0], entry[1], entry[3][0] or '-', entry[3][1], run_columns(r)))
     others = [r for entry, r in completed if not entry]
     if others:
         rows += ['', 'Other runs (each differs from a published configuration as shown):', '',
@@ -201,12 +206,8 @@ def mnist_rows(records):
     rows = ['', 'The MNIST MLP (`python mnist_mlp.py`; its split 50000 / 10000 / 10000):', '',
             '| settings | our test % | data s | compile s | train s | total | device | BLAS | date | data |',
             '|---|---|---|---|---|---|---|---|---|---|']
-    for r in runs:
-        s = r['seconds']
-        rows.append('| %s | **%.2f** | %.1f | %.1f | %.1f | %s | %s | %s | %s | %s |' % (
-            ', '.join('%s=%s' % (k, json.dumps(r['settings'][k])) for k in MNIST_SETTINGS if k in r['settings']),
-            r['test'][1], s['data'], s['compile'], s['train'], minutes(s['total']), r['device'],
-            r.get('blas', '').split(' (')[0], r['date'][:10], data_label(r)))
+    rows += ['| %s | %s' % (', '.join('%s=%s' % (k, json.dumps(r['settings'][k])) for k in MNIST_SETTINGS
+                                      if k in r['settings']), run_columns(r)) for r in runs]
     return rows
 
 
