@@ -695,6 +695,11 @@ static inline direct_vector direct_load(const %(t)s* from) {
     return v;
 }
 
+// to[0:n] = v[0:n] for 0 < n < DIRECT_LANES (a row's last columns): in float32 one masked store
+static inline void direct_store_part(%(t)s* to, direct_vector v, npy_intp n) {
+    %(store_part)s
+}
+
 // out (N, F, H - kh + 1, W - kw + 1) = x (N, C, H, W) correlated with w (F, C, kh, kw), all
 // C-contiguous; W - kw + 1 <= 32.  0 on success, -1 out of memory.
 static int direct_correlate(const %(t)s* x, const %(t)s* w, %(t)s* out, const npy_intp N, const npy_intp C,
@@ -748,9 +753,8 @@ static int direct_correlate(const %(t)s* x, const %(t)s* w, %(t)s* out, const np
                             const direct_vector sum = sums[f][v];    // a copy: sums' address never taken
                             if (DIRECT_LANES * (v + 1) <= Wc)
                                 memcpy(to + DIRECT_LANES * v, &sum, sizeof sum);
-                            else
-                                for (int i = 0; DIRECT_LANES * v + i < Wc; i++)
-                                    to[DIRECT_LANES * v + i] = sum[i];
+                            else if (DIRECT_LANES * v < Wc)
+                                direct_store_part(to + DIRECT_LANES * v, sum, Wc - DIRECT_LANES * v);
                         }
                     }
                 }
@@ -762,6 +766,10 @@ static int direct_correlate(const %(t)s* x, const %(t)s* w, %(t)s* out, const np
 }
 #endif
 """
+
+# A row's last columns: element by element they took 15% of the correlation's time (28 columns).
+DIRECT_STORE_PART = {'float32': '_mm512_mask_storeu_ps(to, (__mmask16)((1u << n) - 1), (__m512)v);',
+                     'float64': 'for (npy_intp i = 0; i < n; i++) to[i] = v[i];'}
 
 
 class CorrMM(_RowsIm2col, corr.CorrMM):
@@ -778,10 +786,14 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
         code = super().c_support_code_apply(node, nodename)
         if not self._plain():
             return code
-        return code + DIRECT_CORRELATION % dict(t=NPY_FLOAT[node.inputs[0].dtype])
+        return code + DIRECT_CORRELATION % dict(t=NPY_FLOAT[node.inputs[0].dtype],
+                                                store_part=DIRECT_STORE_PART[node.inputs[0].dtype])
+
+    def c_headers(self):
+        return super().c_headers() + ['<immintrin.h>']
 
     def c_code_cache_version(self):        # raise it with any change to DIRECT_CORRELATION
-        return super().c_code_cache_version() + ('direct', 7)
+        return super().c_code_cache_version() + ('direct', 10)
 
     def c_code(self, node, nodename, inputs, outputs, sub):
         theirs = super().c_code(node, nodename, inputs, outputs, sub)
