@@ -202,7 +202,7 @@ static inline void dense_block(npy_intp kc, const float* a, npy_intp rsa, npy_in
 
 // C (M x N, rows ldc apart, unit columns) = alpha * A B + beta * C, A[i][k] at a[i * rsa + k * csa],
 // B[k][j] at b[k * rsb + j * csb]; with w (a parameter stored as C; else NULL), then C += d * w
-// and w += C, the momentum update.  0 on success, -1 out of memory.
+// and w += C, the momentum update; K >= 1.  0 on success, -1 out of memory.
 // Where all of B packed fits the cache (the weights' gradient: 100 rows), it is packed once and
 // each OpenMP thread takes whole 8-row blocks of C (whole rows of C and w written by one thread);
 // otherwise each thread takes whole 32-column panels of C, packing each panel of B as it comes.
@@ -248,7 +248,7 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
                 failed = 1;
             }
             // the first operand's columns in blocks of KC, outermost: its block stays in the cache
-            for (npy_intp k0 = 0; k0 < K || k0 == 0; k0 += DENSE_KC) {
+            for (npy_intp k0 = 0; k0 < K; k0 += DENSE_KC) {
                 const npy_intp kc = dense_min(K - k0, DENSE_KC);
                 const float scale = k0 ? 1.0f : beta;   // later blocks add to the first one's sums
                 float* last_w = k0 + kc >= K ? w : NULL;   // the update's terms once, with the last block
@@ -284,9 +284,17 @@ static int dense_gemm(npy_intp M, npy_intp N, npy_intp K, float alpha, const flo
 # point has checked the shapes, copied operands without a unit stride, and computed a, b, the
 # element strides sx_*, sy_*, sz_* and `unit`, whose last hex digit is 0 for z stored by rows, 1 for
 # z stored by columns (computed then as z' = y' x', all transposed).  `before` may set dense_w and
-# dense_d, the momentum update's parameter and decay factor (see dense_gemm); `after` runs once done.
+# dense_d, the momentum update's parameter and decay factor (see dense_gemm); `after` runs once done
+# (not after a product of no terms, which every CPU computes here).
 def ours_first(before='', after=''):
     return """
+if (Nx[1] == 0) {           // no terms: z = b z (Theano's BLAS call refuses the strides of empty operands)
+    float* z = (float*)PyArray_DATA(%(_zout)s);
+    for (npy_intp i = 0; i < Nz[0]; i++)
+        for (npy_intp j = 0; j < Nz[1]; j++)
+            z[i * sz_0 + j * sz_1] = b == 0 ? 0 : b * z[i * sz_0 + j * sz_1];
+    break;
+}
 #ifdef __AVX512F__
 {
     const int by_rows = (unit & 0xF) == 0;
@@ -323,7 +331,7 @@ class _Dense:
         return super().c_compile_args() + ['-fopenmp']
 
     def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or ours_first
-        return super().c_code_cache_version() + ('dense', 16)
+        return super().c_code_cache_version() + ('dense', 17)
 
 
 class Dot22(_Dense, blas.Dot22):

@@ -68,7 +68,10 @@ def test_zca_is_fitted_on_training_images_and_applied_to_the_others(cifar_dir):
     s, U = np.linalg.eigh(np.cov((X - mean).T, bias=True))
     W = U @ np.diag(1 / np.sqrt(np.clip(s, 0, None) + 0.001)) @ U.T
     for split in 'LVT':
-        np.testing.assert_allclose(data[split][0], (raw[split][0] / 255.0 - mean) @ W, rtol=1e-3, atol=1e-2)
+        want = (raw[split][0] / 255.0 - mean) @ W
+        # in float32, with 400 images in 3072 dimensions (a near-singular covariance), the whitened
+        # values move by up to 0.3% of their norm between BLAS kernels (0.06% SkylakeX, 0.27% Haswell)
+        assert np.linalg.norm(data[split][0] - want) <= 1e-2 * np.linalg.norm(want), split
 
 
 def test_zca_cache_is_reused_only_for_the_same_data_and_epsilon(cifar_dir, monkeypatch):
