@@ -201,6 +201,7 @@ class Trainer:
                                         givens=givens, name='train')
         self.eval_fn = theano.function([start, stop], [sum_cost, ncorrect], givens=givens, name='eval')
         self.compile_seconds = time.time() - t0
+        self.progress = None        # if set, called as progress(what, minibatches done, of how many)
 
     def batches(self, split, size=None):
         """(start, stop) rows of the split's minibatches of `size` rows (default: batchsize)."""
@@ -210,13 +211,16 @@ class Trainer:
 
     def _sweep(self, fn, split, what, size=None):
         total_cost = total_correct = 0.0
-        for b, (i, j) in enumerate(self.batches(split, size)):
+        batches = self.batches(split, size)
+        for b, (i, j) in enumerate(batches):
             cost, correct = fn(i, j)
             if not np.isfinite(cost):
                 raise TrainingDiverged('cost became %s in %s, minibatch %d: lower eta or check the data'
                                        % (cost, what, b))
             total_cost += float(cost)
             total_correct += float(correct)
+            if self.progress:
+                self.progress(what, b + 1, len(batches))
         n = self.bounds[split][1] - self.bounds[split][0]
         return total_cost / n, 100.0 * total_correct / n
 

@@ -169,6 +169,55 @@ def say(text):
         os.dup2(devnull, sys.stdout.fileno())    # also what Python flushes at exit
 
 
+def minutes(seconds):
+    """Seconds as 7m05s (or 42s)."""
+    seconds = int(round(seconds))
+    return '%dm%02ds' % divmod(seconds, 60) if seconds >= 60 else '%ds' % seconds
+
+
+class Progress:
+    """Where the run is, on one terminal line between the log's rows (which can be 10 epochs
+    apart: minutes): what it is doing, minibatches done, time so far and, while training, about
+    how long is left.  Written to stderr only when that is a terminal, at most once a second,
+    and cleared before each row, so neither the log (stdout, `| tee`) nor a redirected stderr
+    ever holds it.  Trainer calls it after every minibatch; train_and_log sets `epoch`."""
+
+    def __init__(self, nepoch, stream=None, clock=time.time):
+        self.nepoch, self.stream, self.clock = nepoch, stream or sys.stderr, clock
+        self.shown = False
+        self.epoch = 0                  # the epoch being trained; 0: evaluating before training
+        self.start = self.last = clock()
+        try:
+            self.active = self.stream.isatty()
+        except (AttributeError, ValueError):        # no such method, or the stream is closed
+            self.active = False
+
+    def __call__(self, what, done, total):
+        now = self.clock()
+        if not self.active or now - self.last < 1:
+            return
+        self.last = now
+        text = '%s: minibatch %d of %d, %s so far' % (what, done, total, minutes(now - self.start))
+        trained = (self.epoch - 1 + done / total) / self.nepoch if self.epoch and what.startswith('epoch') else 0
+        if trained > 0:
+            text += ', about %s left' % minutes((now - self.start) * (1 - trained) / trained)
+        self._write('\r%s\033[K' % text)
+        self.shown = True
+
+    def clear(self):
+        """Erase the line, so that what is printed next starts on a clean one."""
+        if self.shown:
+            self._write('\r\033[K')
+            self.shown = False
+
+    def _write(self, text):
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except OSError:                 # the terminal gone: the run goes on
+            self.active = False
+
+
 def append_record(path, record):
     """Append one JSON line in one write; start it on a fresh line if the file's last one was cut off."""
     line = (json.dumps(record, default=str) + '\n').encode()
@@ -224,6 +273,7 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     to outdir/results.jsonl (settings, info, every logged row, test figures,
     data/compile/train/total seconds; t_start is the script's start, so the total
     explains what `time` shows) and the parameters in outdir/SCRIPT-TIME-PID.npz.
+    Between rows, a Progress line on the terminal (stderr) says where the run is.
     On Ctrl-C (or SIGTERM, as from `kill` or a job scheduler) or a diverging cost both are
     still written, marked as such, even when stdout is a pipe that closed; if outdir
     cannot be written they go to the temporary folder, and the log says where.
@@ -238,28 +288,35 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         say('# quickL: the training columns are running figures of the training pass, '
             'not the published evaluation after each epoch')
     previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    trainer.progress = progress = Progress(nepoch)
     try:
         for epoch in range(nepoch + 1):
+            progress.epoch = epoch
             if epoch == 0:
                 costL, accL = trainer.evaluate('L')
             else:
-                costL, accL = trainer.train_epoch('L', 'epoch %d' % epoch)
+                costL, accL = trainer.train_epoch('L', 'epoch %d of %d' % (epoch, nepoch))
             if should_log(epoch) or epoch == nepoch:
                 if epoch > 0 and not quickL:
                     costL, accL = trainer.evaluate('L')
                 costV, accV = trainer.evaluate('V')
                 epochs.append([epoch, costL, accL, costV, accV, time.time() - t0])
+                progress.clear()
                 say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(epochs[-1]))
         say('# NT =  %d' % (trainer.bounds['T'][1] - trainer.bounds['T'][0]))
         costT, accT = trainer.evaluate('T')
         record['test'] = [costT, accT]
+        progress.clear()
         say('%d | %.6f %.2f | %.6f %.2f | %.6f %.2f *' % (nepoch, costL, accL, costV, accV, costT, accT))
     except KeyboardInterrupt:
         status = 'interrupted'
+        progress.clear()
         say('# interrupted at epoch %d: saving what there is' % epoch)
     except TrainingDiverged as e:
         status = 'diverged'
+        progress.clear()
         say('# stopped: %s' % e)
+    trainer.progress = None
     # a second Ctrl-C or SIGTERM must not cut the saving short
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -85,3 +85,51 @@ def test_log_schedule_and_which_split_each_row_evaluates(tmp_path, capsys, quick
     assert '# NT =  100' in out
     assert [line for line in out.splitlines() if line.endswith(' *')][0].endswith('| 3.250000 75.00 *')
     assert ('# quickL' in out) == quickL
+
+
+class Terminal:
+    """A stream that says it is a terminal and keeps what is written to it."""
+    def __init__(self):
+        self.text = ''
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+def test_progress_line_on_a_terminal_at_most_once_a_second_with_the_time_left():
+    now = [0.0]
+    terminal = Terminal()
+    progress = runlog.Progress(10, terminal, clock=lambda: now[0])
+    progress.epoch = 2
+    now[0] = 0.5
+    progress('epoch 2 of 10', 40, 100)                  # under a second since the last line: none
+    assert terminal.text == ''
+    now[0] = 30.0
+    progress('epoch 2 of 10', 50, 100)                  # 1.5 of 10 epochs in 30 s: 170 s to go
+    assert terminal.text == '\repoch 2 of 10: minibatch 50 of 100, 30s so far, about 2m50s left\033[K'
+    now[0] = 75.0
+    progress('evaluating V', 3, 20)                     # no estimate outside training
+    assert terminal.text.endswith('\revaluating V: minibatch 3 of 20, 1m15s so far\033[K')
+    progress.clear()
+    assert terminal.text.endswith('\r\033[K')
+    progress.clear()                                    # nothing shown since: nothing to erase
+    assert terminal.text.count('\r\033[K') == 1
+
+
+def test_trainer_reports_each_minibatch_and_the_log_holds_no_progress(tmp_path, capsys):
+    X, y = small_problem(60)
+    data = {'L': (X[:40], y[:40]), 'V': (X[40:50], y[40:50]), 'T': (X[50:], y[50:])}
+    trainer = nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), data, 10, 0.1, 0.9, 0.0)
+    calls = []
+    trainer.progress = lambda *args: calls.append(args)
+    trainer.train_epoch('L', 'epoch 1 of 2')
+    assert calls == [('epoch 1 of 2', b, 4) for b in range(1, 5)]
+    assert runlog.train_and_log(trainer, 2, 'test', {}, {}, str(tmp_path), 0, 1.0) == 0
+    out, err = capsys.readouterr()                      # captured: no terminal, so no progress line
+    assert err == '' and '\r' not in out and trainer.progress is None
