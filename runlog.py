@@ -16,6 +16,7 @@ import time
 import download
 import machine
 from nnet import TrainingDiverged
+from sweep import minutes             # as RESULTS' table writes times
 
 import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402
@@ -167,12 +168,6 @@ def say(text):
     except OSError:                     # BrokenPipeError, or a terminal gone
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())    # also what Python flushes at exit
-
-
-def minutes(seconds):
-    """Seconds as 7m05s (or 42s)."""
-    seconds = int(round(seconds))
-    return '%dm%02ds' % divmod(seconds, 60) if seconds >= 60 else '%ds' % seconds
 
 
 class Progress:

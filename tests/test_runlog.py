@@ -112,7 +112,7 @@ def test_progress_line_on_a_terminal_at_most_once_a_second_with_the_time_left():
     assert terminal.text == ''
     now[0] = 30.0
     progress('epoch 2 of 10', 50, 100)                  # 1.5 of 10 epochs in 30 s: 170 s to go
-    assert terminal.text == '\repoch 2 of 10: minibatch 50 of 100, 30s so far, about 2m50s left\033[K'
+    assert terminal.text == '\repoch 2 of 10: minibatch 50 of 100, 0m30s so far, about 2m50s left\033[K'
     now[0] = 75.0
     progress('evaluating V', 3, 20)                     # no estimate outside training
     assert terminal.text.endswith('\revaluating V: minibatch 3 of 20, 1m15s so far\033[K')
