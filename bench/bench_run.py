@@ -1,12 +1,14 @@
 """What users run, end to end: the driver against a PyTorch twin of the same run, seconds per logged epoch.
 
-    python bench/bench_run.py [--configs=default,64,64-overlap] [--nepoch=3] [--repeats=2] [--datadir=DIR]
+    python bench/bench_run.py [--configs=default,64,64-overlap,mnist-mlp] [--nepoch=3] [--repeats=2]
+                              [--datadir=DIR]
 
 For each configuration, alternating processes (so that a noisy neighbour hits both alike):
-  - `python cifar10_convnet.py --nepoch=N` with the configuration's overrides, as a user runs
-    it (its own BLAS and thread set-up, the published evaluation passes);
+  - `python cifar10_convnet.py --nepoch=N` with the configuration's overrides (or
+    `python mnist_mlp.py --nepoch=N`), as a user runs it (its own BLAS and thread set-up, the
+    published evaluation passes);
   - the twin: the same network, initialisation scale, update rule, minibatch order, data
-    (cifar10.load, the same ZCA cache) and the same log (epoch 0 evaluates L and V; every
+    (cifar10.load with the same ZCA cache, or mnist.load) and the same log (epoch 0 evaluates L and V; every
     logged epoch trains, then evaluates L and V, in minibatches of EVAL_ROWS as the driver),
     in PyTorch with as many threads.
 Both logs carry the elapsed seconds at each row; the figure is (elapsed at epoch N - at
@@ -32,10 +34,14 @@ import numpy as np  # noqa: E402
 ROW = re.compile(r'^(\d+) \| .* \| ([\d.]+) s$', re.M)
 
 
-def overrides(config):
-    """The driver's --name=value settings for one of bench_train's configurations."""
-    filters, ds, st = bench_train.CONFIGS[config]
-    return ['--W1dim=(%d,5,5)' % filters, '--ds1=(%d,%d)' % ds] + (['--st1=(%d,%d)' % st] if st else [])
+def driver_command(config):
+    """The driver and its --name=value settings for one of bench_train's configurations."""
+    setup = bench_train.CONFIGS[config]
+    command = [os.path.join(ROOT, setup.driver)]
+    if setup.convpool:
+        filters, ds, st = setup.convpool
+        command += ['--W1dim=(%d,5,5)' % filters, '--ds1=(%d,%d)' % ds] + (['--st1=(%d,%d)' % st] if st else [])
+    return command
 
 
 def seconds_per_epoch(log, nepoch):
@@ -51,10 +57,12 @@ def twin(config, nepoch, datadir):
     import torch
     import torch.nn.functional as fn
     import cifar10
+    import mnist
     torch.set_num_threads(os.cpu_count())
     print('# PyTorch %s, %d threads' % (torch.__version__, os.cpu_count()), flush=True)
-    data = cifar10.load(datadir)
-    splits = {name: (torch.from_numpy(X).view(-1, *cifar10.XDIM), torch.from_numpy(y.astype(np.int64)))
+    setup = bench_train.CONFIGS[config]
+    data = cifar10.load(datadir) if setup.convpool else mnist.load(datadir)
+    splits = {name: (torch.from_numpy(X).view(-1, *setup.xdim), torch.from_numpy(y.astype(np.int64)))
               for name, (X, y) in data.items()}
     logits, opt = bench_train.torch_twin(config, 'cpu')
     batch = bench_train.BATCH
@@ -91,7 +99,7 @@ def main(argv):
     datadir = opts.get('datadir') or None
     if 'twin' in opts:
         return twin(opts['twin'], nepoch, datadir)
-    configs = opts.get('configs', 'default,64,64-overlap').split(',')
+    configs = opts.get('configs', ','.join(bench_train.CONFIGS)).split(',')
     repeats = int(opts.get('repeats', 2))
     print('# %s' % machine.device_description())
     print('# seconds per logged epoch (training pass + evaluation of L and V), epochs 1-%d, best of %d '
@@ -102,8 +110,7 @@ def main(argv):
         best = {}
         for _ in range(repeats):
             for side, command in (
-                    ('driver', [os.path.join(ROOT, 'cifar10_convnet.py'), '--nepoch=%d' % nepoch,
-                                '--outdir=' + outdir] + overrides(config)
+                    ('driver', driver_command(config) + ['--nepoch=%d' % nepoch, '--outdir=' + outdir]
                      + (['--datadir=' + datadir] if datadir else [])),
                     ('twin', [os.path.abspath(__file__), '--twin=' + config, '--nepoch=%d' % nepoch]
                      + (['--datadir=' + datadir] if datadir else []))):

@@ -1,14 +1,17 @@
 """Training speed: our Theano network against a PyTorch twin, in one run, same shapes.
 
-    python bench/bench_train.py [--configs=default,64,64-overlap] [--batches=100] [--repeats=3]
+    python bench/bench_train.py [--configs=default,64,64-overlap,mnist-mlp] [--batches=100] [--repeats=3]
                                 [--conv=auto|conv2d|im2col]
     THEANO_FLAGS=device=cuda python bench/bench_train.py --only=theano      # GPU, Theano side
     python3 bench/bench_train.py --only=pytorch --torch-device=cuda         # GPU, PyTorch side
 
 Times the training step (forward, backward, momentum/decay update) on minibatches of
 100 already in memory, float32, both with the same number of threads (Theano: OpenMP
-and its BLAS; PyTorch: torch.set_num_threads).  Prints seconds per training epoch of
-NL = 40000 images (400 minibatches) for each and their ratio, best of --repeats rounds.
+and its BLAS; PyTorch: torch.set_num_threads).  Prints seconds per training epoch (CIFAR-10:
+NL = 40000 images, 400 minibatches; MNIST: 50000, 500) for each and their ratio, best of
+--repeats rounds.  The configurations: the published CNN with 16 and 64 filters and with
+overlapping pooling, and mnist_mlp.py's network (784 -> 1000 -> 1000 -> 10), each with its
+driver's settings.
 Each side runs in its own process, with its own OpenMP and BLAS set-up (in one process
 the second library's OpenMP runtime inherits the first one's settings, which slowed
 whichever side came second by up to 2x), and the processes alternate, so that a noisy
@@ -18,6 +21,7 @@ process: on the GPU machine no Python has both (Theano lives in the gpu-kit bund
 PyTorch in the system Python), so compare the two outputs' seconds there.
 --conv picks how the Theano side computes the convolution (convnet.ConvLayer's impl).
 """
+import collections
 import importlib.util
 import os
 import subprocess
@@ -30,23 +34,32 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import machine  # noqa: E402,F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
 import numpy as np  # noqa: E402
 
-CONFIGS = {  # name: (filters, pool window, pool stride)
-    'default': (16, (4, 4), None),
-    '64': (64, (4, 4), None),
-    '64-overlap': (64, (4, 4), (2, 2)),
+Setup = collections.namedtuple('Setup', 'driver xdim NL hidden eta mu lam convpool')
+CIFAR10 = dict(driver='cifar10_convnet.py', xdim=(3, 32, 32), NL=40000, hidden=[1000],
+               eta=0.01, mu=0.9, lam=0.0001)        # the published settings (cifar10_convnet.py)
+CONFIGS = {  # convpool: (filters, pool window, pool stride), or None: no convolution
+    'default': Setup(convpool=(16, (4, 4), None), **CIFAR10),
+    '64': Setup(convpool=(64, (4, 4), None), **CIFAR10),
+    '64-overlap': Setup(convpool=(64, (4, 4), (2, 2)), **CIFAR10),
+    'mnist-mlp': Setup('mnist_mlp.py', (784,), 50000, [1000, 1000], 0.1, 0.9, 0.0, None),  # mnist_mlp.py's
 }
-NL, BATCH, XDIM, H2, K = 40000, 100, (3, 32, 32), 1000, 10
+BATCH, K, WSTD = 100, 10, 0.01
 EVAL_ROWS = 500     # the driver's evaluation minibatches (nnet.EVAL_ROWS; this module imports no Theano)
-ETA, MU, LAM = 0.01, 0.9, 0.0001
 
 
 def theano_step(config, X, y, batches, conv):
     import convnet
     import nnet
     import runlog
-    F, ds, st = CONFIGS[config]
-    net = convnet.CNN(np.random.RandomState(0), XDIM, [(F, (5, 5), ds, st)], [H2], K, conv=conv)
-    trainer = nnet.Trainer(net, {'L': (X, y)}, BATCH, ETA, MU, LAM, input_shape=XDIM)
+    setup = CONFIGS[config]
+    rng = np.random.RandomState(0)
+    if setup.convpool:
+        F, ds, st = setup.convpool
+        net = convnet.CNN(rng, setup.xdim, [(F, (5, 5), ds, st)], setup.hidden, K, conv=conv)
+    else:
+        net = nnet.MLP(rng, setup.xdim[0], setup.hidden, K, WSTD)
+    trainer = nnet.Trainer(net, {'L': (X, y)}, BATCH, setup.eta, setup.mu, setup.lam, 
+                           input_shape=setup.xdim if setup.convpool else None)    # as the drivers
     runlog.print_ops(trainer)
     spans = trainer.batches('L')[:batches]
 
@@ -73,25 +86,39 @@ def torch_twin(config, device):
     as_pytorch_runs()
     import torch
     import torch.nn.functional as fn
-    F, ds, st = CONFIGS[config]
-    st = st or ds
-    side = (28 - ds[0]) // st[0] + 1
-    H1 = F * side * side
+    setup = CONFIGS[config]
     g = torch.Generator().manual_seed(0)
-    Wc = (torch.randn(F, 3, 5, 5, generator=g) * 0.01).to(device).requires_grad_()
-    bc = torch.zeros(F, device=device, requires_grad=True)
-    W2 = (torch.randn(H2, H1, generator=g) * 0.01).to(device).requires_grad_()
-    b2 = torch.zeros(H2, device=device, requires_grad=True)
-    W3 = (torch.randn(K, H2, generator=g) * 0.01).to(device).requires_grad_()
-    b3 = torch.zeros(K, device=device, requires_grad=True)
+
+    def weights(*shape):
+        return (torch.randn(*shape, generator=g) * WSTD).to(device).requires_grad_()
+
+    def zeros(n):
+        return torch.zeros(n, device=device, requires_grad=True)
+    n_in = setup.xdim[0]
+    if setup.convpool:
+        F, ds, st = setup.convpool
+        st = st or ds
+        side = (setup.xdim[1] - 5 - ds[0] + 1) // st[0] + 1
+        n_in = F * side * side
+        Wc, bc = weights(F, setup.xdim[0], 5, 5), zeros(F)
+    dense = []
+    for n_out in setup.hidden + [K]:
+        dense.append((weights(n_out, n_in), zeros(n_out)))
+        n_in = n_out
+    Ws = [W for W, b in dense] + ([Wc] if setup.convpool else [])
+    bs = [b for W, b in dense] + ([bc] if setup.convpool else [])
     # torch's SGD: v <- mu v + (g + lam W); W <- W - eta v, i.e. our rule with dW = -eta v
-    opt = torch.optim.SGD([{'params': [Wc, W2, W3], 'weight_decay': LAM},
-                           {'params': [bc, b2, b3], 'weight_decay': 0.0}], lr=ETA, momentum=MU)
+    opt = torch.optim.SGD([{'params': Ws, 'weight_decay': setup.lam},
+                           {'params': bs, 'weight_decay': 0.0}], lr=setup.eta, momentum=setup.mu)
 
     def logits(xb):
-        h = fn.max_pool2d(fn.conv2d(xb, Wc), ds, st)
-        h = fn.relu(h + bc.view(1, -1, 1, 1)).flatten(1)
-        return fn.linear(fn.relu(fn.linear(h, W2, b2)), W3, b3)
+        h = xb
+        if setup.convpool:
+            h = fn.max_pool2d(fn.conv2d(h, Wc), ds, st)
+            h = fn.relu(h + bc.view(1, -1, 1, 1)).flatten(1)
+        for W, b in dense[:-1]:
+            h = fn.relu(fn.linear(h, W, b))
+        return fn.linear(h, *dense[-1])
     return logits, opt
 
 
@@ -102,7 +129,7 @@ def torch_step(config, X, y, batches, threads, device):
     torch.set_num_threads(threads)
     sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     logits, opt = torch_twin(config, device)
-    Xt = torch.from_numpy(X).view(-1, *XDIM).to(device)       # all data on the device, as ours
+    Xt = torch.from_numpy(X).view(-1, *CONFIGS[config].xdim).to(device)   # all data on the device, as ours
     yt = torch.from_numpy(y.astype(np.int64)).to(device)
 
     def step(xb, yb):
@@ -125,11 +152,12 @@ def torch_step(config, X, y, batches, threads, device):
 def measure(side, config, batches, rounds, torch_device, conv):
     """Seconds per minibatch, best of `rounds`, for one side in this process."""
     rng = np.random.RandomState(0)
+    X = rng.randn(batches * BATCH, int(np.prod(CONFIGS[config].xdim)))
     if side == 'theano':
         import nnet
-        X = rng.randn(batches * BATCH, 3072).astype(nnet.floatX)
+        X = X.astype(nnet.floatX)
     else:
-        X = rng.randn(batches * BATCH, 3072).astype('float32')
+        X = X.astype('float32')
     y = rng.randint(0, K, batches * BATCH).astype('int32')
     run = (theano_step(config, X, y, batches, conv) if side == 'theano'
            else torch_step(config, X, y, batches, os.cpu_count(), torch_device))
@@ -165,7 +193,7 @@ def main(argv):
             import torch
             print('# PyTorch %s, %d threads, device %s' % (torch.__version__, os.cpu_count(), torch_device))
         for config in configs:
-            seconds = measure(opts['only'], config, batches, repeats, torch_device, conv) * NL / BATCH
+            seconds = measure(opts['only'], config, batches, repeats, torch_device, conv) * CONFIGS[config].NL / BATCH
             print('%-12s %s %.3f' % (config, opts['only'], seconds), flush=True)
         return
     import runlog
@@ -175,8 +203,9 @@ def main(argv):
         sides.append('pytorch')
     else:
         print('# PyTorch not installed: skipping the twin (pip install torch==2.13.0)')
-    print('# seconds per training epoch (%d minibatches of %d), best of %d rounds in %d alternating '
-          'processes a side; %d timed minibatches a round' % (NL // BATCH, BATCH, 2 * repeats, repeats, batches))
+    print('# seconds per training epoch (NL / %d minibatches: %s), best of %d rounds in %d alternating '
+          'processes a side; %d timed minibatches a round' % (
+              BATCH, ', '.join('%s %d' % (c, CONFIGS[c].NL // BATCH) for c in configs), 2 * repeats, repeats, batches))
     print('%-12s %10s %10s %8s' % ('config', 'theano', 'pytorch', 'ratio'))
     for config in configs:
         best = {}
