@@ -43,6 +43,16 @@ def user_flags():
     return flags
 
 
+def refuse_old_gpu_back_end(user):
+    """device=gpu (the 2015 post's flag) names Theano's old GPU back end, which Theano 1.0 removed;
+    Theano then dies at import with a traceback.  Stop with one line that names the new flag."""
+    for name in ('device', 'init_gpu_device'):
+        value = user.get(name, '')
+        if value.startswith('gpu'):     # what Theano 1.0.5 refuses
+            sys.exit("error: %s=%s (THEANO_FLAGS or .theanorc) is Theano's old GPU back end, removed in "
+                     "Theano 1.0: use %s=cuda%s (see the README's GPU section)" % (name, value, name, value[3:]))
+
+
 def choose_ldflags():
     """(blas.ldflags, note): the system OpenBLAS, else scipy's wheel's, else the numpy fallback."""
     system = openblas.linkable()
@@ -140,6 +150,7 @@ def set_up(environ=os.environ):
     undo_inherited(environ)
     users = {name: environ.get(name) for name in OURS}
     user = user_flags()
+    refuse_old_gpu_back_end(user)
     added, notes = [], []
     libraries = {'the system': openblas.linkable(user.get('blas.ldflags', '')),
                  "numpy's": openblas.in_wheel('numpy'), "scipy's": openblas.in_wheel('scipy')}
@@ -162,7 +173,7 @@ def set_up(environ=os.environ):
         notes.append('gcc.cxxflags: -I %s, -L and -rpath %s (this Python lives in %s, not where it '
                      'was built to live)' % (include, libdir, sys.base_prefix))
     gpu = gpustack.folder()
-    if gpu and user.get('device', '').startswith(('cuda', 'gpu')):
+    if gpu and user.get('device', '').startswith('cuda'):
         gpustack.restart_with_cuda_libraries(gpu, environ)
     if gpu:
         gpustack.use(gpu, environ)
@@ -252,9 +263,9 @@ def floatX():
 
 
 def gpu_asked():
-    """THEANO_FLAGS ask for a GPU (device=cuda...; Theano's old back end said gpu...)."""
+    """THEANO_FLAGS ask for a GPU (device=cuda...; set_up refused the old back end's gpu...)."""
     import theano
-    return theano.config.device.startswith(('cuda', 'gpu'))
+    return theano.config.device.startswith('cuda')
 
 
 def device_description():

@@ -135,6 +135,22 @@ def test_theano_flags_fill_in_only_what_the_user_left_unset():
     assert any('openmp stays off' in n for n in notes)
 
 
+def test_the_old_gpu_back_ends_flag_stops_with_the_new_one_named(tmp_path):
+    """The 2015 post ran device=gpu; Theano 1.0.5 dies at import on it with a traceback."""
+    theanorc = tmp_path / 'theanorc'
+    theanorc.write_text('[global]\ndevice = gpu0\n')
+    for environ, flag, remedy in ((dict(THEANO_FLAGS='floatX=float32,device=gpu', THEANORC='/nonexistent'),
+                                   'device=gpu', 'use device=cuda '),
+                                  (dict(THEANORC=str(theanorc)), 'device=gpu0', 'use device=cuda0 '),
+                                  (dict(THEANO_FLAGS='init_gpu_device=gpu1', THEANORC='/nonexistent'),
+                                   'init_gpu_device=gpu1', 'use init_gpu_device=cuda1 ')):
+        out = subprocess.run([sys.executable, 'mnist_mlp.py', '--nepoch=0'], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300, env=dict(os.environ, **environ))
+        assert out.returncode == 1 and 'Traceback' not in out.stderr and out.stdout == ''
+        assert out.stderr.startswith('error: %s (THEANO_FLAGS or .theanorc) is Theano\'s old GPU back end' % flag)
+        assert remedy in out.stderr
+
+
 def test_a_child_process_decides_again_and_keeps_what_its_caller_changed():
     """sweep.py's runs and the benchmarks' sides inherit this process's settings: they are not the user's."""
     code = 'import json, machine; print(json.dumps(machine.NOTES))'
