@@ -38,6 +38,8 @@ quickL = False           # False: the training columns evaluate L after the epoc
                          # True: running figures of the training pass itself (no second pass)
 outdir = 'runs'          # results.jsonl and the saved parameters (beside this script unless absolute)
 datanote = ''            # free text kept with the record, e.g. where the data came from
+resume = None            # a stopped run's parameter file (its log ends with the command): go on
+                         # from where it stopped, with its settings; nepoch may grow
 
 import machine                          # noqa: E402  (first: Theano's flags, the BLAS kernels)
 import runlog                           # noqa: E402
@@ -96,7 +98,7 @@ def main():
 
     return runlog.train_and_log(trainer, nepoch, 'cifar10_convnet', {k: globals()[k] for k in config}, info,
                                 out_folder, _t_start, t_data, quickL, H1=net.H1, conv_impl=conv_used,
-                                data_dir=data_folder,
+                                data_dir=data_folder, resume=resume,
                                 data_fingerprint=data.fingerprint, data_sizes={k: len(y) for k, (X, y) in data.items()})
 
 

@@ -28,6 +28,8 @@ datadir = None           # holds mnist/*.gz; None: $NNET_DATADIR, else ./data he
 quickL = False           # False: the training columns evaluate L after the epoch, as published;
                          # True: running figures of the training pass itself (no second pass)
 outdir = 'runs'          # results.jsonl and the saved parameters (beside this script unless absolute)
+resume = None            # a stopped run's parameter file (its log ends with the command): go on
+                         # from where it stopped, with its settings; nepoch may grow
 
 import machine                          # noqa: E402  (first: Theano's flags, the BLAS kernels)
 import runlog                           # noqa: E402
@@ -68,7 +70,7 @@ def main():
 
     return runlog.train_and_log(trainer, nepoch, 'mnist_mlp', {k: globals()[k] for k in config}, info,
                                 out_folder, _t_start, t_data, quickL,
-                                data_dir=data_folder,
+                                data_dir=data_folder, resume=resume,
                                 data_fingerprint=data.fingerprint, data_sizes={k: len(y) for k, (X, y) in data.items()})
 
 

@@ -105,9 +105,11 @@ class Network:
             x = layer.output(x)
         return self.layers[-1].cost_terms(x, y)
 
-    def save(self, path, settings):
-        """Parameters as plain arrays in a .npz with the settings (JSON), written atomically."""
+    def save(self, path, settings, more=None):
+        """Parameters as plain arrays in a .npz with the settings (JSON) and `more` arrays, written
+        atomically."""
         arrays = {'%02d_%s' % (i, p.name): p.get_value() for i, p in enumerate(self.params)}
+        arrays.update(more or {})
         tmp = path + '.tmp.npz'
         try:
             np.savez(tmp, settings=json.dumps(settings, default=str), **arrays)
@@ -120,7 +122,7 @@ class Network:
     def load(self, path):
         """Set the parameters from a .npz written by save(); returns its settings."""
         with np.load(path) as f:
-            names = sorted(k for k in f.files if k != 'settings')
+            names = sorted(k for k in f.files if k[:2].isdigit())
             if len(names) != len(self.params):
                 raise ValueError('%s holds %d parameters, this network has %d'
                                  % (path, len(names), len(self.params)))
@@ -191,17 +193,20 @@ class Trainer:
         sum_cost, ncorrect = net.cost_terms(xin, y)
         givens = {x: self.X[start:stop], y: self.y[start:stop]}
         grads = T.grad(sum_cost / x.shape[0].astype(floatX), net.params)
-        updates = []
+        updates, self.momenta = [], []
         for p, g in zip(net.params, grads):
             v = theano.shared(np.zeros_like(p.get_value()), 'd' + p.name)
             lam = self.lam if any(p is w for w in net.decay) else None
             updates += zip((v, p), cpublas.momentum(p, v, g, self.mu, self.eta, lam))
+            self.momenta.append(v)
         t0 = time.time()
         self.train_fn = theano.function([start, stop], [sum_cost, ncorrect], updates=updates,
                                         givens=givens, name='train')
         self.eval_fn = theano.function([start, stop], [sum_cost, ncorrect], givens=givens, name='eval')
         self.compile_seconds = time.time() - t0
         self.progress = None        # if set, called as progress(what, minibatches done, of how many)
+        self.stop_requested = False     # set (by a signal handler): stop after the current minibatch
+        self.trained = (0, 0.0, 0.0)    # the training pass so far: minibatches, summed cost, correct
 
     def batches(self, split, size=None):
         """(start, stop) rows of the split's minibatches of `size` rows (default: batchsize)."""
@@ -209,24 +214,49 @@ class Trainer:
         first, end = self.bounds[split]
         return [(i, min(i + size, end)) for i in range(first, end, size)]
 
-    def _sweep(self, fn, split, what, size=None):
-        total_cost = total_correct = 0.0
+    def _sweep(self, fn, split, what, size=None, start=(0, 0.0, 0.0)):
+        """Mean cost and % correct of fn over the split's minibatches, from start = (minibatches
+        done, their summed cost, their number correct).  After each minibatch: the progress
+        call, and KeyboardInterrupt if a stop was requested (a safe point: every update applied)."""
+        done, total_cost, total_correct = start
         batches = self.batches(split, size)
-        for b, (i, j) in enumerate(batches):
-            cost, correct = fn(i, j)
+        for b in range(done, len(batches)):
+            cost, correct = fn(*batches[b])
             if not np.isfinite(cost):
                 raise TrainingDiverged('cost became %s in %s, minibatch %d: lower eta or check the data'
                                        % (cost, what, b))
             total_cost += float(cost)
             total_correct += float(correct)
+            if fn is self.train_fn:
+                self.trained = (b + 1, total_cost, total_correct)
             if self.progress:
                 self.progress(what, b + 1, len(batches))
+            if self.stop_requested:
+                raise KeyboardInterrupt
         n = self.bounds[split][1] - self.bounds[split][0]
         return total_cost / n, 100.0 * total_correct / n
 
-    def train_epoch(self, split='L', what='training'):
-        """One pass of SGD; returns the pass's own mean cost and % correct (no second pass)."""
-        return self._sweep(self.train_fn, split, what)
+    def train_epoch(self, split='L', what='training', start=(0, 0.0, 0.0)):
+        """One pass of SGD (or its rest, from start: see _sweep); returns the pass's own mean cost
+        and % correct (no second pass).  self.trained follows the pass, minibatch by minibatch."""
+        self.trained = start
+        return self._sweep(self.train_fn, split, what, start=start)
+
+    def save(self, path, settings):
+        """The network's parameters (Network.save) and the momenta, which a resumed run needs."""
+        self.net.save(path, settings, {'momentum_%02d_%s' % (i, v.name): v.get_value()
+                                       for i, v in enumerate(self.momenta)})
+
+    def restore(self, path):
+        """Parameters and momenta from a file save() wrote; returns its settings."""
+        settings = self.net.load(path)
+        with np.load(path) as f:
+            names = sorted(k for k in f.files if k.startswith('momentum_'))
+            if len(names) != len(self.momenta):
+                raise ValueError('%s holds no momenta (saved before runs could be resumed)' % path)
+            for name, v in zip(names, self.momenta):
+                v.set_value(f[name].astype(floatX))
+        return settings
 
     def evaluate(self, split):
         """Mean cost and % correct over a split, in minibatches of EVAL_ROWS (or batchsize, if more)

@@ -36,6 +36,7 @@ def apply_overrides(namespace, names, argv):
     settings and exits; its last two lines are JSON: the device, then the settings
     (sweep.py reads them).
     """
+    overridden = set()
     for arg in argv:
         if arg == '--help':
             print(sys.modules['__main__'].__doc__ or '')
@@ -56,8 +57,47 @@ def apply_overrides(namespace, names, argv):
         if type(namespace[name]) is float and type(value) is int:
             value = float(value)                          # --eta=1 means 1.0
         namespace[name] = value
+        overridden.add(name)
         print('# override: %s = %r' % (name, value))
     check_settings(namespace, names)
+    if namespace.get('resume'):
+        adopt_resumed_run(namespace, names, overridden)
+
+
+# Settings a resumed run may change; every other one is the stopped run's (they set its course).
+FREE_ON_RESUME = ('nepoch', 'resume', 'outdir', 'datadir', 'datanote')
+
+
+def adopt_resumed_run(namespace, names, overridden):
+    """--resume=FILE: the settings of the run that saved FILE, checked before any work."""
+    path = download.resolve(namespace['resume'])
+    if not os.path.isfile(path):
+        refuse('resume', namespace['resume'], 'a parameter file of an earlier run: %s is not a file' % path)
+    try:
+        with np.load(path) as f:
+            saved = json.loads(str(f['settings']))
+    except (OSError, ValueError, KeyError) as e:
+        refuse('resume', namespace['resume'], 'a parameter file of an earlier run: %s: %s' % (path, e))
+    if 'position' not in saved:
+        refuse('resume', namespace['resume'], 'a parameter file saved by a run that can be resumed: %s was '
+               'saved before runs could be (no momenta)' % path)
+    for name in names:
+        if name in FREE_ON_RESUME or name not in saved:
+            continue
+        value = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
+        if name in overridden and namespace[name] != value:
+            refuse(name, namespace[name], 'the value of the run being resumed, %r (%s); a resumed run keeps its '
+                   'settings, all but %s' % (value, path, ', '.join(FREE_ON_RESUME)))
+        if namespace[name] != value:
+            print('# resume: %s = %r, as the run being resumed (this script says %r)' % (name, value, namespace[name]))
+            namespace[name] = value
+    epoch = saved['position']['epoch']          # where it stopped; after its last epoch: nepoch + 1
+    completed = saved['status'] == 'completed'
+    needed = epoch if completed else min(epoch, saved['nepoch'])
+    if namespace['nepoch'] < needed:
+        refuse('nepoch', namespace['nepoch'], 'at least %d to go on from %s (%s)' % (
+            needed, path, 'its run completed %d epochs' % (epoch - 1) if completed else 'its run stopped in epoch %d' % epoch))
+    namespace['resume'] = path
 
 
 # ---------------------------------------------------------------- settings, checked before any work
@@ -96,6 +136,7 @@ RULES = {  # setting: (what it takes, check)
     'datadir': ('None or a folder', lambda v: v is None or (type(v) is str and v.strip() != '')),
     'outdir': ('a folder', lambda v: type(v) is str and v.strip() != ''),
     'datanote': ('a string', lambda v: type(v) is str),
+    'resume': ('None or the parameter file (.npz) of an earlier run', lambda v: v is None or (type(v) is str and v.strip() != '')),
 }
 
 
@@ -154,10 +195,6 @@ def print_run_info():
     for note in machine.NOTES:
         print('# ' + note)
     return info
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def say(text):
@@ -238,9 +275,9 @@ def new_params_path(folder, script):
     return path
 
 
-def save_run(record, net, settings, outdir, script):
-    """The record line first, then the parameters (atomic), in outdir or, failing that, the system's
-    temporary folder.  Returns the folder used, or None if neither could be written."""
+def save_run(record, trainer, settings, outdir, script):
+    """The record line first, then the parameters and momenta (atomic), in outdir or, failing that,
+    the system's temporary folder.  Returns the parameter file, or None if neither could be written."""
     for where in (outdir, tempfile.gettempdir()):
         try:
             os.makedirs(where, exist_ok=True)
@@ -248,16 +285,19 @@ def save_run(record, net, settings, outdir, script):
             record['params'] = os.path.basename(params_path)      # resolved from the record's folder
             results_path = os.path.join(where, 'results.jsonl')
             append_record(results_path, record)
-            net.save(params_path, dict(settings, status=record['status']))
+            trainer.save(params_path, dict(settings, status=record['status'], position=record['position'],
+                                           epochs=record['epochs'], train_seconds=record['seconds']['train'],
+                                           data_fingerprint=record.get('data_fingerprint')))
             say('# record appended to %s\n# parameters: %s' % (results_path, params_path))
-            return where
+            return params_path
         except OSError as e:
             say('# could not save in %s: %s%s' % (where, e, '; trying the temporary folder instead'
                                                      if where == outdir else ''))
     return None
 
 
-def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_data, quickL=False, **extra):
+def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_data, quickL=False, resume=None,
+                  **extra):
     """The published training loop and log; ends by writing the record and the parameters.
 
     Rows `epoch | costL accL | costV accV | seconds` at epochs 0-5, every 10th and the
@@ -269,28 +309,49 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     data/compile/train/total seconds; t_start is the script's start, so the total
     explains what `time` shows) and the parameters in outdir/SCRIPT-TIME-PID.npz.
     Between rows, a Progress line on the terminal (stderr) says where the run is.
-    On Ctrl-C (or SIGTERM, as from `kill` or a job scheduler) or a diverging cost both are
-    still written, marked as such, even when stdout is a pipe that closed; if outdir
-    cannot be written they go to the temporary folder, and the log says where.
+    On Ctrl-C (or SIGTERM, as from `kill` or a job scheduler) the current minibatch
+    finishes, then both are still written, marked as such, even when stdout is a pipe that
+    closed; the parameter file then also holds the momenta and where the run stopped, and
+    resume=that file goes on from there, to the same figures as a run never stopped.  A
+    diverging cost is written too.  If outdir cannot be written they go to the temporary
+    folder, and the log says where.
     Returns the exit code: 0, 130 after Ctrl-C, 1 after divergence, 74 if nothing could be saved.
     """
     record = dict(script=script, settings=settings, **extra, **info)
     record['seconds'] = {'data': t_data, 'compile': trainer.compile_seconds}
-    t0 = time.time()
     record['epochs'] = epochs = []
-    status, epoch = 'completed', 0
+    first, start, before = 0, (0, 0.0, 0.0), 0.0
+    if resume:
+        state = trainer.restore(resume)
+        if state.get('data_fingerprint') != extra.get('data_fingerprint'):
+            sys.exit('error: --resume=%s: its run had other data (fingerprint %s; these: %s)' % (
+                resume, state.get('data_fingerprint'), extra.get('data_fingerprint')))
+        at = state['position']
+        first, start, before = at['epoch'], (at['minibatch'], at['cost'], at['correct']), state['train_seconds']
+        epochs += state['epochs']
+        record['resumed'] = dict(at, file=resume, train_seconds=before)
+        say('# resumed from %s: epoch %d, %d minibatches trained (%.1f s); its rows:'
+            % (resume, first, at['minibatch'], before))
+        for row in epochs:
+            say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(row))
+    t0 = time.time() - before               # the seconds column goes on from the stopped run's
+    status, epoch = 'completed', first
     if quickL:
         say('# quickL: the training columns are running figures of the training pass, '
             'not the published evaluation after each epoch')
-    previous_handler = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     trainer.progress = progress = Progress(nepoch)
     try:
-        for epoch in range(nepoch + 1):
+        for epoch in range(first, nepoch + 1):
             progress.epoch = epoch
             if epoch == 0:
                 costL, accL = trainer.evaluate('L')
             else:
-                costL, accL = trainer.train_epoch('L', 'epoch %d of %d' % (epoch, nepoch))
+                costL, accL = trainer.train_epoch('L', 'epoch %d of %d' % (epoch, nepoch),
+                                                  start if epoch == first else (0, 0.0, 0.0))
             if should_log(epoch) or epoch == nepoch:
                 if epoch > 0 and not quickL:
                     costL, accL = trainer.evaluate('L')
@@ -298,11 +359,13 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
                 epochs.append([epoch, costL, accL, costV, accV, time.time() - t0])
                 progress.clear()
                 say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(epochs[-1]))
+        epoch = nepoch + 1                  # the test set's evaluation; trained: nothing of this epoch
+        trainer.trained = (0, 0.0, 0.0)
         say('# NT =  %d' % (trainer.bounds['T'][1] - trainer.bounds['T'][0]))
         costT, accT = trainer.evaluate('T')
         record['test'] = [costT, accT]
         progress.clear()
-        say('%d | %.6f %.2f | %.6f %.2f | %.6f %.2f *' % (nepoch, costL, accL, costV, accV, costT, accT))
+        say('%d | %.6f %.2f | %.6f %.2f | %.6f %.2f *' % tuple([nepoch] + epochs[-1][1:5] + [costT, accT]))
     except KeyboardInterrupt:
         status = 'interrupted'
         progress.clear()
@@ -312,9 +375,13 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         progress.clear()
         say('# stopped: %s' % e)
     trainer.progress = None
+    trained = trainer.trained if epoch > 0 else (0, 0.0, 0.0)
+    record['position'] = dict(epoch=epoch, minibatch=trained[0], cost=trained[1], correct=trained[2])
+    if status == 'completed':
+        record['position'] = dict(epoch=nepoch + 1, minibatch=0, cost=0.0, correct=0.0)
     # a second Ctrl-C or SIGTERM must not cut the saving short
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    previous_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in previous:
+        signal.signal(sig, signal.SIG_IGN)
     try:
         record['status'] = status
         record['seconds']['train'] = time.time() - t0
@@ -322,10 +389,12 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         s = record['seconds']
         say('# seconds: data %.1f  compile %.1f  train %.1f  total %.1f'
             % (s['data'], s['compile'], s['train'], s['total']))
-        saved = save_run(record, trainer.net, settings, outdir, script)
+        saved = save_run(record, trainer, settings, outdir, script)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
-        signal.signal(signal.SIGINT, previous_sigint)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if saved is None:
         return 74                               # EX_IOERR
+    if status == 'interrupted':
+        say('# to go on from here: python %s.py --resume=%s' % (script, saved))
     return {'completed': 0, 'interrupted': 130}.get(status, 1)

@@ -37,7 +37,7 @@ CONFIGS = [
 ]
 # settings that do not change what is trained (conv: the same values, computed another way;
 # quickL: only how the training columns are logged)
-NOT_COMPARED = {'datadir', 'outdir', 'datanote', 'conv', 'quickL'}
+NOT_COMPARED = {'datadir', 'outdir', 'datanote', 'conv', 'quickL', 'resume'}
 PUBLISHED_SIZES = {'L': 40000, 'V': 10000, 'T': 10000}
 
 
@@ -161,6 +161,11 @@ def minutes(seconds):
     return '%dm%02ds' % divmod(round(seconds), 60)
 
 
+def total(r):
+    """What `time` showed; a resumed run's covers its last process only, and says so."""
+    return minutes(r['seconds']['total']) + (' (resumed)' if r.get('resumed') else '')
+
+
 def data_label(r):
     return '%s %s' % (r.get('data_fingerprint', '')[:8] or '-', r['settings'].get('datanote') or r.get('data_dir', ''))
 
@@ -170,7 +175,7 @@ def run_columns(r):
     device, BLAS, date, data."""
     s = r['seconds']
     return '**%.2f** | %.1f | %.1f | %.1f | %s | %s | %s | %s | %s |' % (
-        r['test'][1], s['data'], s['compile'], s['train'], minutes(s['total']), r['device'],
+        r['test'][1], s['data'], s['compile'], s['train'], total(r), r['device'],
         r.get('blas', '').split(' (')[0], r['date'][:10], data_label(r))
 
 
@@ -189,7 +194,7 @@ def table(records, base):
         rows += ['', 'Other runs (each differs from a published configuration as shown):', '',
                  '| differs in | test % | total | device | date | data |', '|---|---|---|---|---|---|']
         rows += ['| %s | %.2f | %s | %s | %s | %s |' % (differences(r, base), r['test'][1],
-                                                      minutes(r['seconds']['total']), r['device'], r['date'][:10],
+                                                      total(r), r['device'], r['date'][:10],
                                                       data_label(r)) for r in others]
     return rows + mnist_rows(records), done
 

@@ -282,8 +282,36 @@ def test_a_stopped_run_writes_its_record_and_parameters(tmp_path, how):
             proc.stdout.close()
             proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
-        if how == 'SIGTERM':
-            assert '# interrupted at epoch' in proc.stdout.read()
+        log = proc.stdout.read() if how == 'SIGTERM' else ''
     record = json.loads((out / 'results.jsonl').read_text())
     assert record['status'] == 'interrupted' and record['epochs'][0][0] == 0
     assert np.load(out / record['params'])['00_W1'].shape == (2, 3, 5, 5)
+    if how == 'SIGTERM':
+        assert '# interrupted at epoch' in log
+        assert log.splitlines()[-1] == '# to go on from here: python cifar10_convnet.py --resume=%s' % (
+            out / record['params'])
+
+
+def test_a_finished_run_resumed_with_more_epochs_logs_as_one_run(tmp_path):
+    make_mnist(str(tmp_path), ntrain=600, ntest=100)
+    runs = {}
+    for name, args in (('straight', ['--nepoch=2']), ('first', ['--nepoch=1'])):
+        result = run_script('mnist_mlp.py', '--H1=20', '--H2=None', '--datadir=%s' % tmp_path,
+                            '--outdir=%s' % (tmp_path / name), *args)
+        assert result.returncode == 0, result.stdout + result.stderr
+        runs[name] = json.loads((tmp_path / name / 'results.jsonl').read_text())
+    first = tmp_path / 'first' / runs['first']['params']
+    result = run_script('mnist_mlp.py', '--resume=%s' % first, '--nepoch=2', '--datadir=%s' % tmp_path,
+                        '--outdir=%s' % (tmp_path / 'resumed'))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert '# resume: H1 = 20, as the run being resumed (this script says 1000)' in result.stdout
+    assert '# resume: H2 = None, as the run being resumed (this script says 1000)' in result.stdout
+    assert [r.split()[0] for r in re.findall('^' + ROW + '$', result.stdout, re.M)] == ['0', '1', '2']  # 0, 1 again
+    resumed = json.loads((tmp_path / 'resumed' / 'results.jsonl').read_text())
+    assert [row[:5] for row in resumed['epochs']] == [row[:5] for row in runs['straight']['epochs']]
+    assert resumed['test'] == runs['straight']['test'] and resumed['resumed']['epoch'] == 2
+    make_mnist(str(tmp_path / 'other'), ntrain=600, ntest=100, seed=1)
+    result = run_script('mnist_mlp.py', '--resume=%s' % first, '--nepoch=2', '--datadir=%s' % (tmp_path / 'other'),
+                        '--outdir=%s' % (tmp_path / 'resumed'))
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
+        'error: --resume=%s: its run had other data' % first)

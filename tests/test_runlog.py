@@ -1,5 +1,7 @@
 """runlog.py: the published log, records and parameters on Ctrl-C, --name=value overrides."""
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -57,12 +59,16 @@ class ScriptedTrainer:
         self.epochs_done, self.compile_seconds = 0, 0.0
         self.bounds = {'L': (0, 400), 'V': (400, 500), 'T': (500, 600)}
         self.net = nnet.MLP(np.random.RandomState(0), 2, [], 2)
+        self.trained = (0, 0.0, 0.0)
+
+    def save(self, path, settings):
+        self.net.save(path, settings)
 
     def evaluate(self, split):
         return {'L': 1.0, 'V': 2.0, 'T': 3.0}[split] + self.epochs_done / 100, 50.0 + self.epochs_done
 
-    def train_epoch(self, split='L', what='training'):
-        assert split == 'L'
+    def train_epoch(self, split='L', what='training', start=(0, 0.0, 0.0)):
+        assert split == 'L' and start == (0, 0.0, 0.0)
         self.epochs_done += 1
         return 9.0, 9.0                      # the training pass's own running figures
 
@@ -133,3 +139,82 @@ def test_trainer_reports_each_minibatch_and_the_log_holds_no_progress(tmp_path, 
     assert runlog.train_and_log(trainer, 2, 'test', {}, {}, str(tmp_path), 0, 1.0) == 0
     out, err = capsys.readouterr()                      # captured: no terminal, so no progress line
     assert err == '' and '\r' not in out and trainer.progress is None
+
+
+def small_trainer():
+    X, y = small_problem(60)
+    data = {'L': (X[:40], y[:40]), 'V': (X[40:50], y[40:50]), 'T': (X[50:], y[50:])}
+    return nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), data, 10, 0.1, 0.9, 0.001)
+
+
+def final_run(folder):
+    """(record, parameters and momenta) of the last run recorded in folder."""
+    record = json.loads((folder / 'results.jsonl').read_text().splitlines()[-1])
+    with np.load(folder / record['params']) as f:
+        return record, {k: f[k] for k in f.files if k != 'settings'}
+
+
+@pytest.mark.parametrize('quickL', [False, True])
+@pytest.mark.parametrize('stop', [(0, 'evaluating L', 1, 0), (2, 'epoch', 3, 2), (3, 'evaluating V', 1, 3),
+                                  (4, 'evaluating T', 1, 5)])     # ..., the position it records
+def test_a_run_stopped_anywhere_and_resumed_ends_as_one_never_stopped(tmp_path, monkeypatch, capsys, stop, quickL):
+    """Ctrl-C at (epoch, pass, minibatch), then --resume: the same rows, test figures, parameters, momenta."""
+    def run(folder, **resume):
+        return runlog.train_and_log(small_trainer(), 4, 'test', {'eta': 0.1}, {}, str(tmp_path / folder), 0, 1.0,
+                                    quickL, data_fingerprint='f', **resume)
+    assert run('straight') == 0
+    straight, straight_arrays = final_run(tmp_path / 'straight')
+
+    class CtrlC(runlog.Progress):
+        def __call__(self, what, done, total):
+            if (self.epoch, done) == (stop[0], stop[2]) and what.startswith(stop[1]):
+                os.kill(os.getpid(), signal.SIGINT)     # its handler runs before the next call returns
+                assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    monkeypatch.setattr(runlog, 'Progress', CtrlC)
+    assert run('stopped') == 130
+    stopped, _ = final_run(tmp_path / 'stopped')
+    assert stopped['status'] == 'interrupted' and stopped['position']['epoch'] == stop[3]
+    assert 'test.py --resume=%s' % (tmp_path / 'stopped' / stopped['params']) in capsys.readouterr().out
+    monkeypatch.undo()
+    assert run('resumed', resume=str(tmp_path / 'stopped' / stopped['params'])) == 0
+    resumed, resumed_arrays = final_run(tmp_path / 'resumed')
+    assert resumed['resumed']['epoch'] == stop[3] and resumed['status'] == 'completed'
+    assert [row[:5] for row in resumed['epochs']] == [row[:5] for row in straight['epochs']]
+    assert resumed['test'] == straight['test']
+    assert sorted(resumed_arrays) == sorted(straight_arrays) and any(k.startswith('momentum_') for k in resumed_arrays)
+    for name, array in straight_arrays.items():
+        assert np.array_equal(resumed_arrays[name], array), name
+
+
+def test_resume_takes_the_stopped_runs_settings_and_refuses_what_cannot_go_on(tmp_path, capsys):
+    trainer = small_trainer()
+    names = ['W1dim', 'eta', 'nepoch', 'outdir', 'resume']
+    path = str(tmp_path / 'stopped.npz')
+
+    def saved(status='interrupted', epoch=3, **more):
+        trainer.save(path, dict({'W1dim': [64, 5, 5], 'eta': 0.1, 'nepoch': 10, 'outdir': 'elsewhere', 'resume': None,
+                                 'status': status, 'position': {'epoch': epoch, 'minibatch': 2, 'cost': 1.0,
+                                                                'correct': 5.0}}, **more))
+
+    def resume(*argv, nepoch=10):
+        namespace = {'W1dim': (16, 5, 5), 'eta': 0.01, 'nepoch': nepoch, 'outdir': 'runs', 'resume': None}
+        runlog.apply_overrides(namespace, names, ['--resume=%s' % path] + list(argv))
+        return namespace
+    saved()
+    assert resume('--outdir=mine', '--eta=0.1') == {'W1dim': (64, 5, 5), 'eta': 0.1, 'nepoch': 10, 'outdir': 'mine',
+                                                     'resume': path}
+    assert '# resume: W1dim = (64, 5, 5), as the run being resumed (this script says (16, 5, 5))' in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--eta=0.02: needs the value of the run being resumed, 0.1 .*all but nepoch"):
+        resume('--eta=0.02')
+    assert resume(nepoch=3)['nepoch'] == 3                          # it stopped in epoch 3: that one ends it
+    with pytest.raises(SystemExit, match='--nepoch=2: needs at least 3 .*its run stopped in epoch 3'):
+        resume(nepoch=2)
+    saved(status='completed', epoch=11)
+    with pytest.raises(SystemExit, match='--nepoch=10: needs at least 11 .*its run completed 10 epochs'):
+        resume()
+    assert resume(nepoch=20)['nepoch'] == 20
+    nnet.MLP(np.random.RandomState(0), 6, [5], 3).save(path, {'eta': 0.1})        # parameters only
+    with pytest.raises(SystemExit, match='saved before runs could be'):
+        resume()
+    with pytest.raises(SystemExit, match='is not a file'):
+        runlog.apply_overrides({'resume': None}, ['resume'], ['--resume=%s' % (tmp_path / 'none.npz')])

@@ -26,6 +26,8 @@ def test_records_map_to_their_configuration():
     assert sweep.config_of(record(W1dim=[32, 5, 5]), BASE) is None
     # computed another way, logged another way, other labels and paths: the same configuration
     assert sweep.config_of(record(conv='im2col', quickL=True, datanote='x', outdir='o'), BASE) is by_number[1]
+    assert sweep.config_of(record(resume='/runs/stopped.npz'), BASE) is by_number[1]       # resumed
+    assert sweep.config_of(record(), dict(BASE, resume=None)) is by_number[1]     # recorded before --resume
 
 
 @pytest.mark.parametrize('setting, value', [
@@ -69,6 +71,8 @@ def test_table_lists_completed_runs_beside_the_published_numbers():
     assert rows[2].startswith('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** |')
     assert '| 5m03s | cpu: X | -lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | 2026-11-28 | ffffffff rebuilt |' \
         in rows[2]
+    resumed = dict(record(resume='/runs/stopped.npz'), resumed={'epoch': 20, 'train_seconds': 100.0})
+    assert '| 5m03s (resumed) | cpu: X |' in sweep.table([resumed], BASE)[0][2]   # its last process's time only
 
 
 def test_mnist_runs_have_their_own_table():
