@@ -64,12 +64,13 @@ def apply_overrides(namespace, names, argv):
         adopt_resumed_run(namespace, names, overridden)
 
 
-# Settings a resumed run may change; every other one is the stopped run's (they set its course).
-FREE_ON_RESUME = ('nepoch', 'resume', 'outdir', 'datadir', 'datanote')
+# Settings a resumed run may override; the others set the stopped run's course.
+FREE_ON_RESUME = ('nepoch', 'outdir', 'datadir', 'datanote')
 
 
 def adopt_resumed_run(namespace, names, overridden):
-    """--resume=FILE: the settings of the run that saved FILE, checked before any work."""
+    """--resume=FILE: the settings of the run that saved FILE (but for those of FREE_ON_RESUME
+    given on the command line), checked before any work."""
     path = download.resolve(namespace['resume'])
     if not os.path.isfile(path):
         refuse('resume', namespace['resume'], 'a parameter file of an earlier run: %s is not a file' % path)
@@ -82,7 +83,7 @@ def adopt_resumed_run(namespace, names, overridden):
         refuse('resume', namespace['resume'], 'a parameter file saved by a run that can be resumed: %s was '
                'saved before runs could be (no momenta)' % path)
     for name in names:
-        if name in FREE_ON_RESUME or name not in saved:
+        if name == 'resume' or name not in saved or (name in FREE_ON_RESUME and name in overridden):
             continue
         value = tuple(saved[name]) if isinstance(saved[name], list) else saved[name]
         if name in overridden and namespace[name] != value:

@@ -196,23 +196,26 @@ def test_resume_takes_the_stopped_runs_settings_and_refuses_what_cannot_go_on(tm
                                  'status': status, 'position': {'epoch': epoch, 'minibatch': 2, 'cost': 1.0,
                                                                 'correct': 5.0}}, **more))
 
-    def resume(*argv, nepoch=10):
+    def resume(*argv, nepoch=10):           # nepoch: the script's
         namespace = {'W1dim': (16, 5, 5), 'eta': 0.01, 'nepoch': nepoch, 'outdir': 'runs', 'resume': None}
         runlog.apply_overrides(namespace, names, ['--resume=%s' % path] + list(argv))
         return namespace
     saved()
-    assert resume('--outdir=mine', '--eta=0.1') == {'W1dim': (64, 5, 5), 'eta': 0.1, 'nepoch': 10, 'outdir': 'mine',
-                                                     'resume': path}
-    assert '# resume: W1dim = (64, 5, 5), as the run being resumed (this script says (16, 5, 5))' in capsys.readouterr().out
+    assert resume('--outdir=mine', '--eta=0.1', nepoch=50) == {'W1dim': (64, 5, 5), 'eta': 0.1, 'nepoch': 10,
+                                                                'outdir': 'mine', 'resume': path}
+    out = capsys.readouterr().out
+    assert '# resume: W1dim = (64, 5, 5), as the run being resumed (this script says (16, 5, 5))' in out
+    assert '# resume: nepoch = 10, as the run being resumed (this script says 50)' in out
+    assert resume('--nepoch=12')['outdir'] == 'elsewhere'
     with pytest.raises(SystemExit, match=r"--eta=0.02: needs the value of the run being resumed, 0.1 .*all but nepoch"):
         resume('--eta=0.02')
-    assert resume(nepoch=3)['nepoch'] == 3                          # it stopped in epoch 3: that one ends it
+    assert resume('--nepoch=3')['nepoch'] == 3                      # it stopped in epoch 3: that one ends it
     with pytest.raises(SystemExit, match='--nepoch=2: needs at least 3 .*its run stopped in epoch 3'):
-        resume(nepoch=2)
+        resume('--nepoch=2')
     saved(status='completed', epoch=11)
     with pytest.raises(SystemExit, match='--nepoch=10: needs at least 11 .*its run completed 10 epochs'):
         resume()
-    assert resume(nepoch=20)['nepoch'] == 20
+    assert resume('--nepoch=20')['nepoch'] == 20
     nnet.MLP(np.random.RandomState(0), 6, [5], 3).save(path, {'eta': 0.1})        # parameters only
     with pytest.raises(SystemExit, match='saved before runs could be'):
         resume()
