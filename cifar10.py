@@ -249,6 +249,8 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     cached = _load_cache(path, key) if cache else None
     if cached is None:
         X, mean = _scaled_and_centred(raw, dtype)
+        log and log('data: fitting the ZCA whitening on the %d training images (once for these data: '
+                    'cached for the next runs)' % len(X['L']))
         W = zca_matrix(X['L'], epsilon)
         cached = {'mean': mean, 'zca': W}
         for name, x in X.items():

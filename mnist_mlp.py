@@ -63,7 +63,8 @@ def main():
           ' K = ', 10, ' batchsize = ', batchsize)
     print('# data fingerprint: %s' % data.fingerprint[:16], flush=True)
 
-    trainer = nnet.Trainer(net, data, batchsize, eta, mu, lam)
+    with runlog.waiting('compiling (slow only the first time: Theano caches the compiled code)'):
+        trainer = nnet.Trainer(net, data, batchsize, eta, mu, lam)
     machine.require_gpu_if_asked(trainer.ops()[0])
     runlog.print_ops(trainer)
     print('# compiled in %.1f s; data ready in %.1f s' % (trainer.compile_seconds, t_data), flush=True)

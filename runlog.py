@@ -3,6 +3,7 @@
 Used by cifar10_convnet.py and mnist_mlp.py on top of nnet.Trainer.
 """
 import ast
+import contextlib
 import datetime
 import json
 import os
@@ -234,8 +235,12 @@ class Progress:
         trained = (self.epoch - 1 + done / total) / self.nepoch if self.epoch and what.startswith('epoch') else 0
         if trained > 0:
             text += ', about %s left' % minutes((now - self.start) * (1 - trained) / trained)
-        self._write('\r%s\033[K' % text)
-        self.shown = True
+        self.show(text)
+
+    def show(self, text):
+        if self.active:
+            self._write('\r%s\033[K' % text)
+            self.shown = True
 
     def clear(self):
         """Erase the line, so that what is printed next starts on a clean one."""
@@ -249,6 +254,18 @@ class Progress:
             self.stream.flush()
         except OSError:                 # the terminal gone: the run goes on
             self.active = False
+
+
+@contextlib.contextmanager
+def waiting(text):
+    """`text` on the terminal while a wait that prints nothing runs (stderr, only when it is a
+    terminal, as Progress), erased after."""
+    line = Progress(0)
+    line.show(text)
+    try:
+        yield
+    finally:
+        line.clear()
 
 
 def append_record(path, record):

@@ -128,6 +128,18 @@ def test_progress_line_on_a_terminal_at_most_once_a_second_with_the_time_left():
     assert terminal.text.count('\r\033[K') == 1
 
 
+def test_a_silent_wait_shows_its_line_on_a_terminal_only_while_it_lasts(monkeypatch, capsys):
+    terminal = Terminal()
+    monkeypatch.setattr('sys.stderr', terminal)
+    with runlog.waiting('compiling'):
+        assert terminal.text == '\rcompiling\033[K'
+    assert terminal.text == '\rcompiling\033[K\r\033[K'
+    monkeypatch.undo()
+    with runlog.waiting('compiling'):                   # stderr captured: no terminal
+        pass
+    assert capsys.readouterr() == ('', '')
+
+
 def test_trainer_reports_each_minibatch_and_the_log_holds_no_progress(tmp_path, capsys):
     X, y = small_problem(60)
     data = {'L': (X[:40], y[:40]), 'V': (X[40:50], y[40:50]), 'T': (X[50:], y[50:])}
