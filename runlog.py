@@ -348,8 +348,8 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         first, start, before = at['epoch'], (at['minibatch'], at['cost'], at['correct']), state['train_seconds']
         epochs += state['epochs']
         record['resumed'] = dict(at, file=resume, train_seconds=before)
-        say('# resumed from %s: epoch %d, %d minibatches trained (%.1f s); its rows:'
-            % (resume, first, at['minibatch'], before))
+        say('# resumed from %s: epoch %d, %d minibatches trained (%.1f s)%s'
+            % (resume, first, at['minibatch'], before, '; its rows:' if epochs else ''))
         for row in epochs:
             say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(row))
     t0 = time.time() - before               # the seconds column goes on from the stopped run's

@@ -6,8 +6,10 @@
 `run` starts each configuration as its own `python cifar10_convnet.py --name=value ...`
 process (the device comes from THEANO_FLAGS, as always) and skips those already
 recorded as completed with the same settings on the same device, so an interrupted
-sweep resumes where it stopped; --again runs them anyway (after a change of code, flags
-or BLAS, which the settings do not capture: the records and the table keep both runs).
+sweep resumes where it stopped: a configuration whose last run here was stopped (Ctrl-C)
+goes on from that run's minibatch (--resume=its parameter file); --again runs completed
+ones anyway (after a change of code, flags or BLAS, which the settings do not capture: the
+records and the table keep both runs).
 `table` needs matplotlib for the pictures (pip install -r requirements-plot.txt).
 """
 import json
@@ -86,15 +88,32 @@ def runs_config(record, config_overrides, base):
     return record.get('script') == 'cifar10_convnet' and settings_key(record['settings']) == settings_key(wanted)
 
 
+def ran_here(record, config_overrides, base, device, data_fingerprint):
+    """A run of this configuration on this device and these data, whatever its status."""
+    return (runs_config(record, config_overrides, base) and record.get('device') == device
+            and record.get('data_fingerprint') == data_fingerprint)
+
+
 def matches(record, config_overrides, base, device, data_fingerprint):
     """A completed run of this configuration on this device and these data: resume skips it."""
-    return (runs_config(record, config_overrides, base) and record.get('status') == 'completed'
-            and record.get('device') == device and record.get('data_fingerprint') == data_fingerprint)
+    return ran_here(record, config_overrides, base, device, data_fingerprint) and record.get('status') == 'completed'
 
 
-def to_run(only, again, base, device, data_fingerprint, records):
-    """(entry, already recorded) for each configuration asked for."""
-    return [(entry, not again and any(matches(r, entry[2], base, device, data_fingerprint) for r in records))
+def stopped_file(records, config_overrides, base, device, data_fingerprint, results):
+    """The parameter file of this configuration's last run here if that run was stopped and can go
+    on (its file holds where it stopped), else None."""
+    runs = [r for r in records if ran_here(r, config_overrides, base, device, data_fingerprint)]
+    if runs and runs[-1].get('status') == 'interrupted' and 'position' in runs[-1]:
+        path = params_path(runs[-1], results)
+        return path if os.path.exists(path) else None
+    return None
+
+
+def to_run(only, again, base, device, data_fingerprint, records, results=RESULTS):
+    """(entry, already recorded, the stopped run's file to go on from or None) for each configuration
+    asked for."""
+    return [(entry, not again and any(matches(r, entry[2], base, device, data_fingerprint) for r in records),
+             stopped_file(records, entry[2], base, device, data_fingerprint, results))
             for entry in CONFIGS if not only or entry[0] in only]
 
 
@@ -114,12 +133,15 @@ def run(argv):
         data_fingerprint = cifar10.fingerprint(cifar10.load_raw(base['datadir'] and download.resolve(base['datadir'])))
     except cifar10.DataError as e:
         sys.exit('error: %s' % e)
-    for (number, title, overrides, _), recorded in to_run(only, again, base, device, data_fingerprint,
-                                                          read_records(results_path(base))):
+    results = results_path(base)
+    for (number, title, overrides, _), recorded, stopped in to_run(only, again, base, device, data_fingerprint,
+                                                                   read_records(results), results):
         if recorded:
             print('# %d. %s: already recorded on %s, skipped' % (number, title, device), flush=True)
             continue
         args = ['--%s=%s' % (k, repr(v).replace(' ', '')) for k, v in overrides.items()]
+        if stopped:                         # its settings are these; it goes on from where it stopped
+            args = ['--resume=' + stopped]
         print('# %d. %s: %s' % (number, title, ' '.join(driver[1:] + args + extra)), flush=True)
         os.makedirs(LOGS, exist_ok=True)
         log = os.path.join(LOGS, '%d-%s.log' % (number, time.strftime('%Y%m%d-%H%M%S')))

@@ -60,9 +60,23 @@ def test_resume_skips_only_completed_runs_of_the_same_settings_device_and_data()
     assert not sweep.matches(record(status='interrupted', W1dim=[64, 5, 5]), overrides, BASE, 'cpu: X', DATA)
     assert not sweep.matches(done, overrides, dict(BASE, nepoch=5), 'cpu: X', DATA)
     plan = sweep.to_run({1, 2}, False, BASE, 'cpu: X', DATA, [done])
-    assert [(entry[0], recorded) for entry, recorded in plan] == [(1, False), (2, True)]
+    assert [(entry[0], recorded, stopped) for entry, recorded, stopped in plan] == [(1, False, None), (2, True, None)]
     plan = sweep.to_run({2}, True, BASE, 'cpu: X', DATA, [done])      # --again
-    assert [(entry[0], recorded) for entry, recorded in plan] == [(2, False)]
+    assert [(entry[0], recorded) for entry, recorded, stopped in plan] == [(2, False)]
+
+
+def test_a_configuration_whose_last_run_stopped_goes_on_from_its_file(tmp_path):
+    results = str(tmp_path / 'results.jsonl')
+    (tmp_path / 'stopped.npz').write_bytes(b'')
+
+    def stopped(*records):
+        return [s for entry, recorded, s in sweep.to_run({1}, False, BASE, 'cpu: X', DATA, list(records), results)]
+    interrupted = dict(record(status='interrupted'), params='stopped.npz', position={'epoch': 7})
+    assert stopped(record(), interrupted) == [str(tmp_path / 'stopped.npz')]
+    assert stopped(interrupted, record()) == [None]                     # a later run finished
+    assert stopped(dict(interrupted, params='gone.npz')) == [None]      # its file deleted
+    assert stopped(dict(interrupted, device='cuda: H100')) == [None]    # another device's
+    assert stopped(dict(record(status='interrupted'), params='stopped.npz')) == [None]  # saved before --resume
 
 
 def test_table_lists_completed_runs_beside_the_published_numbers():
