@@ -83,6 +83,9 @@ def adopt_resumed_run(namespace, names, overridden):
     if 'position' not in saved:
         refuse('resume', namespace['resume'], 'a parameter file saved by a run that can be resumed: %s was '
                'saved before runs could be (no momenta)' % path)
+    if saved['status'] == 'diverged':
+        refuse('resume', namespace['resume'], 'a parameter file of a run that did not diverge: %s holds the '
+               'weights its NaN cost left' % path)
     for name in names:
         if name == 'resume' or name not in saved or (name in FREE_ON_RESUME and name in overridden):
             continue
@@ -395,8 +398,6 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     trainer.progress = None
     trained = trainer.trained if epoch > 0 else (0, 0.0, 0.0)
     record['position'] = dict(epoch=epoch, minibatch=trained[0], cost=trained[1], correct=trained[2])
-    if status == 'completed':
-        record['position'] = dict(epoch=nepoch + 1, minibatch=0, cost=0.0, correct=0.0)
     # a second Ctrl-C or SIGTERM must not cut the saving short
     for sig in previous:
         signal.signal(sig, signal.SIG_IGN)

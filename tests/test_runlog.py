@@ -228,6 +228,9 @@ def test_resume_takes_the_stopped_runs_settings_and_refuses_what_cannot_go_on(tm
     with pytest.raises(SystemExit, match='--nepoch=10: needs at least 11 .*its run completed 10 epochs'):
         resume()
     assert resume('--nepoch=20')['nepoch'] == 20
+    saved(status='diverged')
+    with pytest.raises(SystemExit, match='did not diverge'):
+        resume()
     nnet.MLP(np.random.RandomState(0), 6, [5], 3).save(path, {'eta': 0.1})        # parameters only
     with pytest.raises(SystemExit, match='saved before runs could be'):
         resume()
