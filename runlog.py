@@ -287,13 +287,31 @@ def append_record(path, record):
         os.close(fd)
 
 
-def new_params_path(folder, script):
+def new_params_path(folder, script, suffix='.npz'):
     """A parameter file name no other run has: time and process id, and a number if need be."""
     stem = os.path.join(folder, '%s-%s-%d' % (script, time.strftime('%Y%m%d-%H%M%S'), os.getpid()))
-    path, n = stem + '.npz', 1
+    path, n = stem + suffix, 1
     while os.path.exists(path):
-        path, n = '%s-%d.npz' % (stem, n), n + 1
+        path, n = '%s-%d%s' % (stem, n, suffix), n + 1
     return path
+
+
+def run_state(settings, status, position, epochs, train_seconds, data_fingerprint):
+    """What a parameter file holds beside the arrays: the driver's settings and, for --resume,
+    where the run is."""
+    return dict(settings, status=status, position=position, epochs=epochs, train_seconds=train_seconds,
+                data_fingerprint=data_fingerprint)
+
+
+def write_checkpoint(trainer, path, state):
+    """The parameters and momenta now, at path (atomic); True if written, else the log says why."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        trainer.save(path, state)
+        return True
+    except OSError as e:
+        say('# could not write the checkpoint %s: %s; the run goes on without' % (path, e))
+        return False
 
 
 def save_run(record, trainer, settings, outdir, script):
@@ -306,9 +324,8 @@ def save_run(record, trainer, settings, outdir, script):
             record['params'] = os.path.basename(params_path)      # resolved from the record's folder
             results_path = os.path.join(where, 'results.jsonl')
             append_record(results_path, record)
-            trainer.save(params_path, dict(settings, status=record['status'], position=record['position'],
-                                           epochs=record['epochs'], train_seconds=record['seconds']['train'],
-                                           data_fingerprint=record.get('data_fingerprint')))
+            trainer.save(params_path, run_state(settings, record['status'], record['position'], record['epochs'],
+                                                record['seconds']['train'], record.get('data_fingerprint')))
             say('# record appended to %s\n# parameters: %s' % (results_path, params_path))
             return params_path
         except OSError as e:
@@ -335,12 +352,17 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     closed; the parameter file then also holds the momenta and where the run stopped, and
     resume=that file goes on from there, to the same figures as a run never stopped.  A
     diverging cost is written too.  If outdir cannot be written they go to the temporary
-    folder, and the log says where.
+    folder, and the log says where.  At every logged row the parameters and momenta are also
+    written to a checkpoint file (named in the log, removed once the run's own file is saved),
+    from which a run killed outright (power, out of memory: nothing else written) goes on.
     Returns the exit code: 0, 130 after Ctrl-C, 1 after divergence, 74 if nothing could be saved.
     """
     record = dict(script=script, settings=settings, **extra, **info)
     record['seconds'] = {'data': t_data, 'compile': trainer.compile_seconds}
     record['epochs'] = epochs = []
+    # rewritten at every logged row, so that a run killed outright (power, out of memory) can go on
+    checkpoint = new_params_path(outdir, script, '.checkpoint.npz')
+    say('# checkpoint at every logged row (if this run dies: --resume=it): %s' % checkpoint)
     first, start, before = 0, (0, 0.0, 0.0), 0.0
     if resume:
         state = trainer.restore(resume)
@@ -380,6 +402,10 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
                 epochs.append([epoch, costL, accL, costV, accV, time.time() - t0])
                 progress.clear()
                 say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(epochs[-1]))
+                if checkpoint and not write_checkpoint(trainer, checkpoint, run_state(
+                        settings, 'checkpoint', dict(epoch=epoch + 1, minibatch=0, cost=0.0, correct=0.0), epochs,
+                        time.time() - t0, extra.get('data_fingerprint'))):
+                    checkpoint = None
         epoch = nepoch + 1                  # the test set's evaluation; trained: nothing of this epoch
         trainer.trained = (0, 0.0, 0.0)
         say('# NT =  %d' % (trainer.bounds['T'][1] - trainer.bounds['T'][0]))
@@ -413,7 +439,9 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if saved is None:
-        return 74                               # EX_IOERR
+        return 74                               # EX_IOERR (the checkpoint, if any, stays)
+    if checkpoint and os.path.exists(checkpoint):
+        os.remove(checkpoint)                   # the saved file is newer
     if status == 'interrupted':
         say('# to go on from here: python %s.py --resume=%s' % (script, saved))
     return {'completed': 0, 'interrupted': 130}.get(status, 1)

@@ -132,7 +132,8 @@ def test_record_first_then_parameters_and_a_failed_save_leaves_no_partial_file(t
     monkeypatch.setattr(nnet.np, 'savez', failing_savez)
     monkeypatch.setattr(runlog.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
     assert runlog.train_and_log(trainer, 1, 'test', {}, {}, str(tmp_path / 'runs'), 0, 1.0) == 74
-    assert order == ['record', 'params', 'record', 'params']
+    # the first row's checkpoint (failed: no more tried), then the record and the parameters, twice
+    assert order == ['params', 'record', 'params', 'record', 'params']
     assert not [f for f in os.listdir(tmp_path / 'runs') if f.endswith('.npz')]   # no .tmp.npz left
 
 

@@ -236,3 +236,32 @@ def test_resume_takes_the_stopped_runs_settings_and_refuses_what_cannot_go_on(tm
         resume()
     with pytest.raises(SystemExit, match='is not a file'):
         runlog.apply_overrides({'resume': None}, ['resume'], ['--resume=%s' % (tmp_path / 'none.npz')])
+
+
+def test_a_run_killed_outright_goes_on_from_its_last_logged_row(tmp_path, monkeypatch):
+    """No record, no saved file: only the checkpoint written at each logged row survives."""
+    def run(folder, **resume):
+        return runlog.train_and_log(small_trainer(), 4, 'test', {'eta': 0.1}, {}, str(tmp_path / folder), 0, 1.0,
+                                    data_fingerprint='f', **resume)
+    assert run('straight') == 0
+    straight, straight_arrays = final_run(tmp_path / 'straight')
+    assert not list((tmp_path / 'straight').glob('*.checkpoint.npz'))        # the saved file supersedes it
+
+    class PowerCut(runlog.Progress):
+        def __call__(self, what, done, total):
+            if (self.epoch, done) == (4, 2) and what.startswith('epoch'):
+                raise SystemError('power cut')          # nothing after this runs
+    monkeypatch.setattr(runlog, 'Progress', PowerCut)
+    with pytest.raises(SystemError):
+        run('killed')
+    monkeypatch.undo()
+    assert not (tmp_path / 'killed' / 'results.jsonl').exists()
+    checkpoint, = (tmp_path / 'killed').glob('*.checkpoint.npz')
+    with np.load(checkpoint) as f:
+        assert json.loads(str(f['settings']))['position']['epoch'] == 4      # after the row of epoch 3
+    assert run('resumed', resume=str(checkpoint)) == 0
+    resumed, resumed_arrays = final_run(tmp_path / 'resumed')
+    assert [row[:5] for row in resumed['epochs']] == [row[:5] for row in straight['epochs']]
+    assert resumed['test'] == straight['test']
+    for name, array in straight_arrays.items():
+        assert np.array_equal(resumed_arrays[name], array), name
