@@ -7,7 +7,9 @@
 # set-up is the user's own, offline: bash setup.sh --gpu --from=.gpu-carry/venv-gpu.tar.xz
 #   bash bench/gpu_session.sh                       # every step below, in this order
 #   bash bench/gpu_session.sh cpu-default gpu-64    # chosen steps (data and .venv are set up anyway)
-# Steps, most wanted first (each appends to $OUT/session.log and writes $OUT/<step>.log):
+# Steps, most wanted first (each appends to $OUT/session.log; its own log and the runs' records
+# and parameters go to a scratch folder, of which $OUT gets results.jsonl and logs.tgz: the
+# device call brings back at most 8 files of $OUT, 16 MiB each, 64 MiB in all):
 #   check             nvidia-smi, lscpu, the layer and gradient tests on the GPU (against numpy)
 #   gpu-default       `time` of the published run, compile cache cold
 #   bench             seconds per training epoch: Theano (conv im2col and conv2d) and PyTorch
@@ -22,10 +24,10 @@
 # steps not started are listed as skipped.  NEPOCH (default 50) and CONV (default auto,
 # i.e. im2col on the GPU) for every run; if gpu-default fails, CONV=conv2d for the rest.
 # The compile caches (Theano's modules, libgpuarray's kernels) come back as
-# $OUT/compile-cache.tgz.part-*: put those files in .gpu-carry/ and the next call on the
-# same kind of machine starts warm (a fresh machine otherwise compiles for minutes), if they
-# fit: the carried set-up and data take 60 MiB of the call's 64 (the CPU default run's
-# cache alone came to 2.6 MB, tried here without a GPU).
+# $OUT/compile-cache.tgz.part-* (at most 4 parts of 15 MB, else none): put those files in
+# .gpu-carry/ and the next call on the same kind of machine starts warm (a fresh machine
+# otherwise compiles for minutes), if they fit: the carried set-up and data take 60 MiB of
+# the call's 64 (the CPU default run's cache alone came to 2.6 MB, tried here without a GPU).
 set -u
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
@@ -38,7 +40,8 @@ if [ "${1:-}" = prepare ]; then
 fi
 
 OUT=${OUT:-/tmp/gpu-out}
-mkdir -p "$OUT"
+work=/tmp/gpu-session-work          # step logs, records, parameters: packed into $OUT at the end
+mkdir -p "$OUT" "$work"
 NEPOCH=${NEPOCH:-50}
 CONV=${CONV:-auto}
 DEADLINE_AT=$(( $(date +%s) + ${DEADLINE:-540} ))
@@ -64,7 +67,7 @@ if ls .gpu-carry/compile-cache.tgz.part-* >/dev/null 2>&1; then
   cat .gpu-carry/compile-cache.tgz.part-* | tar -C "$cache" -xzf - && echo "compile caches restored: $(du -sh "$cache" | cut -f1)"
 fi
 export GPUARRAY_CACHE_PATH=$cache/kernels
-export NNET_DATADIR=$data PYTHONUNBUFFERED=1 OUT NEPOCH CONV data note cache
+export NNET_DATADIR=$data PYTHONUNBUFFERED=1 OUT NEPOCH CONV data note cache work
 
 theano() {  # THEANO_FLAGS, then a command run by .venv's python
   local flags=$1; shift
@@ -74,7 +77,7 @@ theano() {  # THEANO_FLAGS, then a command run by .venv's python
 drive() {  # THEANO_FLAGS, then driver arguments: the published run, timed
   local flags=$1; shift
   echo "THEANO_FLAGS=$flags python cifar10_convnet.py $*"
-  time theano "$flags" cifar10_convnet.py --outdir="$OUT/runs" "--datanote=$note" --nepoch="$NEPOCH" --conv="$CONV" "$@"
+  time theano "$flags" cifar10_convnet.py --outdir="$work/runs" "--datanote=$note" --nepoch="$NEPOCH" --conv="$CONV" "$@"
 }
 
 step() {
@@ -115,7 +118,7 @@ for s in "${steps[@]}"; do
   fi
   echo "== $s ($(date +%T), ${left} s left)"
   # timeout signals the step's whole process group: the driver inside gets the SIGTERM
-  timeout --signal=TERM --kill-after=20 $left bash -c "step $s" 2>&1 | tee "$OUT/$s.log"
+  timeout --signal=TERM --kill-after=20 $left bash -c "step $s" 2>&1 | tee "$work/$s.log"
   code=${PIPESTATUS[0]}
   echo "== $s: exit $code"
   if [ "$s" = check ] && [ "$code" = 3 ]; then   # a failed test is reported; each run checks its own GPU ops
@@ -127,6 +130,15 @@ for s in "${steps[@]}"; do
     echo '== gpu-default failed: the other runs use --conv=conv2d (GpuCorrMM)'
   fi
 done
-tar -C "$cache" -czf - . | split -b 15M - "$OUT/compile-cache.tgz.part-"   # 15 MB: what a returned file may hold
-ls -l "$OUT" "$OUT/runs" 2>/dev/null
+# What comes back: session.log (everything above), the records, the logs (no parameter files:
+# up to 86 MB each) and the compile caches if 4 parts of 15 MB hold them: 8 files at most.
+cp "$work/runs/results.jsonl" "$OUT/" 2>/dev/null
+tar -C "$work" --exclude='*.npz' -czf "$OUT/logs.tgz" .
+tar -C "$cache" -czf "$work/compile-cache.tgz" .
+if [ "$(stat -c %s "$work/compile-cache.tgz")" -le $((60 * 1000 * 1000)) ]; then
+  split -b 15M "$work/compile-cache.tgz" "$OUT/compile-cache.tgz.part-"
+else
+  echo "compile caches not sent back: $(du -h "$work/compile-cache.tgz" | cut -f1) is over 4 parts of 15 MB"
+fi
+ls -l "$OUT"
 exec >&- 2>&-; wait $tee_pid   # session.log complete before $OUT is collected
