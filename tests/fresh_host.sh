@@ -26,9 +26,10 @@ DATA=${CIFAR10_REAL_DATADIR:-data}
 
 if [ ! -x "$ROOTFS/bin/bash" ]; then
   command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
+  # (|| true: a host without one of these files, or a head that closes the pipe early, is no error)
   mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
-           grep -Eo '(https?|file)://[^ ]*/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ')
-  debootstrap --variant=minbase trixie "$ROOTFS" "$mirror"
+           grep -Eo '(https?|file)://[^ ]*/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ' || true)
+  debootstrap --variant=minbase trixie "$ROOTFS" ${mirror:+"$mirror"}
 fi
 
 repo=$ROOTFS/home/user/project
