@@ -58,7 +58,7 @@ def theano_step(config, X, y, batches, conv):
         net = convnet.CNN(rng, setup.xdim, [(F, (5, 5), ds, st)], setup.hidden, K, conv=conv)
     else:
         net = nnet.MLP(rng, setup.xdim[0], setup.hidden, K, WSTD)
-    trainer = nnet.Trainer(net, {'L': (X, y)}, BATCH, setup.eta, setup.mu, setup.lam, 
+    trainer = nnet.Trainer(net, {'L': (X, y)}, BATCH, setup.eta, setup.mu, setup.lam,
                            input_shape=setup.xdim if setup.convpool else None)    # as the drivers
     runlog.print_ops(trainer)
     spans = trainer.batches('L')[:batches]
