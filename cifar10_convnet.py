@@ -3,6 +3,7 @@
     python cifar10_convnet.py                               # CPU, the published run
     THEANO_FLAGS='device=cuda' python cifar10_convnet.py    # the same on the GPU
     python cifar10_convnet.py --W1dim="(64,5,5)" --st1="(2,2)" --H3=1000
+    python cifar10_convnet.py --resume=runs/cifar10_convnet-...npz    # go on from a stopped run
 
 Edit the settings below, or override any of them as --name=value (Python literals).
 Every setting is checked before any work; a bad one stops the run with one `error:` line.

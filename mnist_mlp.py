@@ -3,6 +3,7 @@
     python mnist_mlp.py                               # CPU
     THEANO_FLAGS='device=cuda' python mnist_mlp.py    # GPU
     python mnist_mlp.py --H2=500 --nepoch=10
+    python mnist_mlp.py --resume=runs/mnist_mlp-...npz    # go on from a stopped run
 
 Edit the settings below or override them as --name=value, as in cifar10_convnet.py: every
 setting is checked before any work; H1 = None or H2 = None drops that layer; relative

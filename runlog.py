@@ -223,6 +223,7 @@ class Progress:
         self.nepoch, self.stream, self.clock = nepoch, stream or sys.stderr, clock
         self.shown = False
         self.epoch = 0                  # the epoch being trained; 0: evaluating before training
+        self.before = 0.0               # epochs a resumed run had trained before this process
         self.start = self.last = clock()
         try:
             self.active = self.stream.isatty()
@@ -235,7 +236,9 @@ class Progress:
             return
         self.last = now
         text = '%s: minibatch %d of %d, %s so far' % (what, done, total, minutes(now - self.start))
-        trained = (self.epoch - 1 + done / total) / self.nepoch if self.epoch and what.startswith('epoch') else 0
+        trained = 0     # of what this process trains, whose pace the time so far gives
+        if self.epoch and what.startswith('epoch') and self.nepoch > self.before:
+            trained = (self.epoch - 1 + done / total - self.before) / (self.nepoch - self.before)
         if trained > 0:
             text += ', about %s left' % minutes((now - self.start) * (1 - trained) / trained)
         self.show(text)
@@ -387,6 +390,8 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         trainer.stop_requested = True
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     trainer.progress = progress = Progress(nepoch)
+    if first > 0:
+        progress.before = first - 1 + start[0] / len(trainer.batches('L'))
     try:
         for epoch in range(first, nepoch + 1):
             progress.epoch = epoch

@@ -126,6 +126,11 @@ def test_progress_line_on_a_terminal_at_most_once_a_second_with_the_time_left():
     assert terminal.text.endswith('\r\033[K')
     progress.clear()                                    # nothing shown since: nothing to erase
     assert terminal.text.count('\r\033[K') == 1
+    resumed = runlog.Progress(10, terminal, clock=lambda: now[0])
+    resumed.before, resumed.epoch = 5.0, 6             # 5 epochs trained before this process
+    now[0] += 30.0
+    resumed('epoch 6 of 10', 50, 100)                  # 0.5 of its 5 epochs in 30 s: 270 s to go
+    assert terminal.text.endswith('0m30s so far, about 4m30s left\033[K')
 
 
 def test_a_silent_wait_shows_its_line_on_a_terminal_only_while_it_lasts(monkeypatch, capsys):
