@@ -299,11 +299,12 @@ def new_params_path(folder, script, suffix='.npz'):
     return path
 
 
-def run_state(settings, status, position, epochs, train_seconds, data_fingerprint):
-    """What a parameter file holds beside the arrays: the driver's settings and, for --resume,
-    where the run is."""
-    return dict(settings, status=status, position=position, epochs=epochs, train_seconds=train_seconds,
-                data_fingerprint=data_fingerprint)
+def run_state(settings, record, status, position, train_seconds):
+    """What a parameter file holds beside the arrays: the driver's settings and, for --resume
+    (and sweep.py, which finds a killed run's checkpoint by them), where the run is and what
+    it runs on."""
+    return dict(settings, status=status, position=position, epochs=record['epochs'], train_seconds=train_seconds,
+                data_fingerprint=record.get('data_fingerprint'), device=record.get('device'))
 
 
 def write_checkpoint(trainer, path, state):
@@ -327,8 +328,8 @@ def save_run(record, trainer, settings, outdir, script):
             record['params'] = os.path.basename(params_path)      # resolved from the record's folder
             results_path = os.path.join(where, 'results.jsonl')
             append_record(results_path, record)
-            trainer.save(params_path, run_state(settings, record['status'], record['position'], record['epochs'],
-                                                record['seconds']['train'], record.get('data_fingerprint')))
+            trainer.save(params_path, run_state(settings, record, record['status'], record['position'],
+                                                record['seconds']['train']))
             say('# record appended to %s\n# parameters: %s' % (results_path, params_path))
             return params_path
         except OSError as e:
@@ -408,8 +409,8 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
                 progress.clear()
                 say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(epochs[-1]))
                 if checkpoint and not write_checkpoint(trainer, checkpoint, run_state(
-                        settings, 'checkpoint', dict(epoch=epoch + 1, minibatch=0, cost=0.0, correct=0.0), epochs,
-                        time.time() - t0, extra.get('data_fingerprint'))):
+                        settings, record, 'checkpoint', dict(epoch=epoch + 1, minibatch=0, cost=0.0, correct=0.0),
+                        time.time() - t0)):
                     checkpoint = None
         epoch = nepoch + 1                  # the test set's evaluation; trained: nothing of this epoch
         trainer.trained = (0, 0.0, 0.0)

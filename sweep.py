@@ -7,13 +7,17 @@
 process (the device comes from THEANO_FLAGS, as always) and skips those already
 recorded as completed with the same settings on the same device, so an interrupted
 sweep resumes where it stopped: a configuration whose last run here was stopped (Ctrl-C)
-goes on from that run's minibatch (--resume=its parameter file); --again runs completed
+goes on from that run's minibatch (--resume=its parameter file), one killed outright from
+its last logged row (--resume=its checkpoint); --again runs completed
 ones anyway (after a change of code, flags or BLAS, which the settings do not capture: the
 records and the table keep both runs).
 `table` needs matplotlib for the pictures (pip install -r requirements-plot.txt).
 """
+import datetime
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -100,13 +104,49 @@ def matches(record, config_overrides, base, device, data_fingerprint):
 
 
 def stopped_file(records, config_overrides, base, device, data_fingerprint, results):
-    """The parameter file of this configuration's last run here if that run was stopped and can go
-    on (its file holds where it stopped), else None."""
+    """The file to go on from if this configuration's latest run here did not finish: a stopped
+    run's parameter file (its record says where it stopped), or the checkpoint of a run killed
+    outright, which wrote no record (the newest one in the records' folder whose settings,
+    device and data are these, younger than the last record here, its process gone).  None if
+    the latest run finished, or nothing can go on."""
     runs = [r for r in records if ran_here(r, config_overrides, base, device, data_fingerprint)]
     if runs and runs[-1].get('status') == 'interrupted' and 'position' in runs[-1]:
         path = params_path(runs[-1], results)
-        return path if os.path.exists(path) else None
-    return None
+        if os.path.exists(path):
+            return path
+    last_end = (datetime.datetime.fromisoformat(runs[-1]['date']).timestamp() + runs[-1]['seconds'].get('total', 0)
+                if runs else 0)
+    killed = []
+    for path in glob.glob(os.path.join(os.path.dirname(results), 'cifar10_convnet-*.checkpoint.npz')):
+        pid = re.search(r'-\d{8}-\d{6}-(\d+)(-\d+)?\.checkpoint\.npz$', path)     # runlog.new_params_path's
+        if os.path.getmtime(path) <= last_end or (pid and process_alive(int(pid.group(1)))):
+            continue
+        saved = checkpoint_settings(path)
+        record = {'script': 'cifar10_convnet', 'settings': {k: v for k, v in saved.items() if k in base},
+                  'device': saved.get('device'), 'data_fingerprint': saved.get('data_fingerprint')}
+        if ran_here(record, config_overrides, base, device, data_fingerprint):
+            killed.append((os.path.getmtime(path), path))
+    return max(killed)[1] if killed else None
+
+
+def checkpoint_settings(path):
+    """The settings a checkpoint was saved with ({} if it cannot be read)."""
+    import numpy as np
+    try:
+        with np.load(path) as f:
+            return json.loads(str(f['settings']))
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # someone else's: alive
+        pass
+    return True
 
 
 def to_run(only, again, base, device, data_fingerprint, records, results=RESULTS):

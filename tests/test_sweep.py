@@ -107,3 +107,33 @@ def test_parameter_files_resolve_from_the_records_folder(tmp_path):
         str(tmp_path / 'elsewhere' / 'cifar10_convnet-1.npz')
     assert sweep.params_path({'params': 'runs/cifar10_convnet-1.npz'}, str(results)) == \
         str(tmp_path / 'elsewhere' / 'cifar10_convnet-1.npz')             # older records: a path from the cwd
+
+
+def test_a_killed_runs_checkpoint_is_found_by_its_settings(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import numpy as np
+    results = str(tmp_path / 'results.jsonl')
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait()                                                 # a process id no longer running
+
+    def checkpoint(pid, **settings):
+        path = tmp_path / ('cifar10_convnet-20261129-120000-%d.checkpoint.npz' % pid)
+        np.savez(path, settings=json.dumps(dict(BASE, status='checkpoint', position={'epoch': 11}, device='cpu: X',
+                                                data_fingerprint=DATA, **settings)))
+        return str(path)
+
+    def stopped(*records):
+        return [s for entry, recorded, s in sweep.to_run({1, 2}, False, BASE, 'cpu: X', DATA, list(records), results)]
+    killed = checkpoint(gone.pid)
+    assert stopped() == [killed, None]                          # configuration 1's, not 2's
+    finished_later = dict(record(), date='2999-01-01T00:00:00')
+    assert stopped(finished_later) == [None, None]              # a run here ended after it was written
+    assert stopped(record()) == [killed, None]                  # ... or before: it goes on
+    os.remove(killed)
+    checkpoint(os.getpid())
+    assert stopped() == [None, None]                            # its run is still going
+    checkpoint(gone.pid, W1dim=[64, 5, 5])
+    assert stopped() == [None, str(tmp_path / ('cifar10_convnet-20261129-120000-%d.checkpoint.npz' % gone.pid))]
