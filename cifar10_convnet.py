@@ -105,4 +105,4 @@ def main():
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(runlog.run_driver(main))

@@ -338,6 +338,16 @@ def save_run(record, trainer, settings, outdir, script):
     return None
 
 
+def run_driver(main):
+    """A driver's main(), its exit code; Ctrl-C before training (loading, compiling: nothing to
+    save yet) ends it with one line instead of a traceback."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        say('# interrupted before training started: nothing to save')
+        return 130
+
+
 def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_data, quickL=False, resume=None,
                   **extra):
     """The published training loop and log; ends by writing the record and the parameters.

@@ -270,3 +270,11 @@ def test_a_run_killed_outright_goes_on_from_its_last_logged_row(tmp_path, monkey
     assert resumed['test'] == straight['test']
     for name, array in straight_arrays.items():
         assert np.array_equal(resumed_arrays[name], array), name
+
+
+def test_ctrl_c_before_training_ends_the_driver_with_one_line(capsys):
+    def main():
+        raise KeyboardInterrupt                 # as while the data load or the compile runs
+    assert runlog.run_driver(main) == 130
+    assert capsys.readouterr().out == '# interrupted before training started: nothing to save\n'
+    assert runlog.run_driver(lambda: 7) == 7
