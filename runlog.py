@@ -187,6 +187,10 @@ def print_ops(trainer):
                 name + (' x%d' % n if n > 1 else '') for name, n in sorted(ops.items()))))
 
 
+# A logged row, as published (epoch | costL accL | costV accV), and the seconds so far.
+ROW = '%d | %.6f %.2f | %.6f %.2f | %.1f s'
+
+
 def should_log(epoch):
     return epoch <= 5 or epoch % 10 == 0
 
@@ -390,7 +394,7 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         say('# resumed from %s: epoch %d, %d minibatches trained (%.1f s)%s'
             % (resume, first, at['minibatch'], before, '; its rows:' if epochs else ''))
         for row in epochs:
-            say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(row))
+            say(ROW % tuple(row))
     t0 = time.time() - before               # the seconds column goes on from the stopped run's
     status, epoch = 'completed', first
     if quickL:
@@ -417,7 +421,7 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
                 costV, accV = trainer.evaluate('V')
                 epochs.append([epoch, costL, accL, costV, accV, time.time() - t0])
                 progress.clear()
-                say('%d | %.6f %.2f | %.6f %.2f | %.1f s' % tuple(epochs[-1]))
+                say(ROW % tuple(epochs[-1]))
                 if checkpoint and not write_checkpoint(trainer, checkpoint, run_state(
                         settings, record, 'checkpoint', dict(epoch=epoch + 1, minibatch=0, cost=0.0, correct=0.0),
                         time.time() - t0)):
