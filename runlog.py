@@ -303,6 +303,13 @@ def new_params_path(folder, script, suffix='.npz'):
     return path
 
 
+def position(epoch, trained=(0, 0.0, 0.0)):
+    """Where a run is, as its files hold it for --resume: the epoch it is in (nepoch + 1: the
+    test set's evaluation) and, of that epoch's training pass, the minibatches done, their
+    summed cost and their number correct (nnet.Trainer.trained)."""
+    return dict(epoch=epoch, minibatch=trained[0], cost=trained[1], correct=trained[2])
+
+
 def run_state(settings, record, status, position, train_seconds):
     """What a parameter file holds beside the arrays: the driver's settings and, for --resume
     (and sweep.py, which finds a killed run's checkpoint by them), where the run is and what
@@ -423,11 +430,9 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
                 progress.clear()
                 say(ROW % tuple(epochs[-1]))
                 if checkpoint and not write_checkpoint(trainer, checkpoint, run_state(
-                        settings, record, 'checkpoint', dict(epoch=epoch + 1, minibatch=0, cost=0.0, correct=0.0),
-                        time.time() - t0)):
+                        settings, record, 'checkpoint', position(epoch + 1), time.time() - t0)):
                     checkpoint = None
-        epoch = nepoch + 1                  # the test set's evaluation; trained: nothing of this epoch
-        trainer.trained = (0, 0.0, 0.0)
+        epoch = nepoch + 1                  # the test set's evaluation
         say('# NT =  %d' % (trainer.bounds['T'][1] - trainer.bounds['T'][0]))
         costT, accT = trainer.evaluate('T')
         record['test'] = [costT, accT]
@@ -442,8 +447,8 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         progress.clear()
         say('# stopped: %s' % e)
     trainer.progress = None
-    trained = trainer.trained if epoch > 0 else (0, 0.0, 0.0)
-    record['position'] = dict(epoch=epoch, minibatch=trained[0], cost=trained[1], correct=trained[2])
+    # in a training epoch, as far as its pass went; in epoch 0 or the test pass, nothing trained
+    record['position'] = position(epoch, trainer.trained) if 0 < epoch <= nepoch else position(epoch)
     # a second Ctrl-C or SIGTERM must not cut the saving short
     for sig in previous:
         signal.signal(sig, signal.SIG_IGN)
