@@ -17,7 +17,7 @@ import time
 import download
 import machine
 from nnet import TrainingDiverged
-from sweep import minutes             # as RESULTS' table writes times
+from sweep import minutes, saved_settings, SAVED_SETTINGS_ERRORS   # sweep imports no Theano
 
 import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402
@@ -76,9 +76,8 @@ def adopt_resumed_run(namespace, names, overridden):
     if not os.path.isfile(path):
         refuse('resume', namespace['resume'], 'a parameter file of an earlier run: %s is not a file' % path)
     try:
-        with np.load(path) as f:
-            saved = json.loads(str(f['settings']))
-    except (OSError, ValueError, KeyError) as e:
+        saved = saved_settings(path)
+    except SAVED_SETTINGS_ERRORS as e:
         refuse('resume', namespace['resume'], 'a parameter file of an earlier run: %s: %s' % (path, e))
     if 'position' not in saved:
         refuse('resume', namespace['resume'], 'a parameter file saved by a run that can be resumed: %s was '

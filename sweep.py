@@ -121,7 +121,10 @@ def stopped_file(records, config_overrides, base, device, data_fingerprint, resu
         pid = re.search(r'-\d{8}-\d{6}-(\d+)(-\d+)?\.checkpoint\.npz$', path)     # runlog.new_params_path's
         if os.path.getmtime(path) <= last_end or (pid and process_alive(int(pid.group(1)))):
             continue
-        saved = checkpoint_settings(path)
+        try:
+            saved = saved_settings(path)
+        except SAVED_SETTINGS_ERRORS:
+            continue                        # not one a run finished writing
         record = {'script': 'cifar10_convnet', 'settings': {k: v for k, v in saved.items() if k in base},
                   'device': saved.get('device'), 'data_fingerprint': saved.get('data_fingerprint')}
         if ran_here(record, config_overrides, base, device, data_fingerprint):
@@ -129,14 +132,15 @@ def stopped_file(records, config_overrides, base, device, data_fingerprint, resu
     return max(killed)[1] if killed else None
 
 
-def checkpoint_settings(path):
-    """The settings a checkpoint was saved with ({} if it cannot be read)."""
+# what saved_settings raises for a file that is no parameter file of ours
+SAVED_SETTINGS_ERRORS = (OSError, ValueError, KeyError)
+
+
+def saved_settings(path):
+    """The settings a parameter file or checkpoint was saved with (nnet.Network.save's JSON)."""
     import numpy as np
-    try:
-        with np.load(path) as f:
-            return json.loads(str(f['settings']))
-    except (OSError, ValueError, KeyError):
-        return {}
+    with np.load(path) as f:
+        return json.loads(str(f['settings']))
 
 
 def process_alive(pid):
