@@ -245,24 +245,37 @@ def run_columns(r):
         r.get('blas', '').split(' (')[0], r['date'][:10], data_label(r))
 
 
+CONFIG_HEADER = ['| # | configuration | published CPU | published Tesla K20c | our test % | data s | compile s'
+                 ' | train s | total | device | BLAS | date | data |',
+                 '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+
+
+def config_row(entry, r):
+    return '| %d | %s | %s | %s | %s' % (entry[0], entry[1], entry[3][0] or '-', entry[3][1], run_columns(r))
+
+
 def table(records, base):
-    """Rows of the published configurations' runs, rows of the other runs; and the former as (entry, record)."""
-    rows = ['| # | configuration | published CPU | published Tesla K20c | our test % | data s | compile s'
-            ' | train s | total | device | BLAS | date | data |',
-            '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    """The page's generated part in two: the newest run of each published configuration on each
+    device (and the MNIST runs); every run of them and the other runs, oldest first.  Also the
+    published configurations' runs as (entry, record), oldest first."""
     completed = [(config_of(r, base), r) for r in records
                  if r.get('status') == 'completed' and r.get('script') == 'cifar10_convnet']
     done = sorted(((entry, r) for entry, r in completed if entry), key=lambda d: (d[0][0], d[1]['date']))
-    for entry, r in done:
-        rows.append('| %d | %s | %s | %s | %s' % (entry[0], entry[1], entry[3][0] or '-', entry[3][1], run_columns(r)))
+    newest = {(entry[0], r['device']): (entry, r) for entry, r in done}      # later runs overwrite
+    summary = (['The newest run of each published configuration on each device (every run: further down):', '']
+               + CONFIG_HEADER + [config_row(entry, r) for entry, r in
+                                  sorted(newest.values(), key=lambda d: (d[0][0], d[1]['device']))])
+    every = ['Every run of the published configurations, oldest first (the code, the VM and the BLAS'
+             ' kernels changed between them: see the notes above the table):', ''] + CONFIG_HEADER
+    every += [config_row(entry, r) for entry, r in done]
     others = [r for entry, r in completed if not entry]
     if others:
-        rows += ['', 'Other runs (each differs from a published configuration as shown):', '',
-                 '| differs in | test % | total | device | date | data |', '|---|---|---|---|---|---|']
-        rows += ['| %s | %.2f | %s | %s | %s | %s |' % (differences(r, base), r['test'][1],
-                                                      total(r), r['device'], r['date'][:10],
-                                                      data_label(r)) for r in others]
-    return rows + mnist_rows(records), done
+        every += ['', 'Other runs (each differs from a published configuration as shown):', '',
+                  '| differs in | test % | total | device | date | data |', '|---|---|---|---|---|---|']
+        every += ['| %s | %.2f | %s | %s | %s | %s |' % (differences(r, base), r['test'][1],
+                                                       total(r), r['device'], r['date'][:10],
+                                                       data_label(r)) for r in others]
+    return summary + mnist_rows(records), every, done
 
 
 MNIST_SETTINGS = ('H1', 'H2', 'eta', 'mu', 'lam', 'batchsize', 'nepoch', 'Wstd', 'seed')
@@ -320,6 +333,10 @@ def pictures(done):
         fig.suptitle('first-layer filters of the default run (each scaled to its own range)')
         fig.savefig(os.path.join(PICTURES, 'filters_default.png'), dpi=80)
         names.append('filters_default.png')
+    elif default and os.path.exists(os.path.join(PICTURES, 'filters_default.png')):
+        print('# results/filters_default.png kept as it was: the newest default run\'s parameter file %s is not here'
+              % params)
+        names.append('filters_default.png')
     return names
 
 
@@ -328,18 +345,34 @@ def params_path(record, results=RESULTS):
     return os.path.join(os.path.dirname(results), os.path.basename(record.get('params', '')))
 
 
+TABLE_START = '<!-- table: written by python sweep.py table -->'
+TABLE_END = '<!-- end of table -->'
+
+
+def filled(page, summary, every, images):
+    """The page's text with its generated part (between TABLE_START and TABLE_END) replaced: the
+    summary, the pictures, every run; the hand-written text around it kept."""
+    if TABLE_START not in page or TABLE_END not in page:
+        sys.exit('# %s lost its markers %s and %s: put them back where the table goes' % (PAGE, TABLE_START, TABLE_END))
+    head, rest = page.split(TABLE_START, 1)
+    lines = summary + ['']
+    for n in images:
+        lines += ['![%s](results/%s)' % (n[:-4].replace('_', ' '), n), '']
+    return head + TABLE_START + '\n' + '\n'.join(lines + every) + '\n' + TABLE_END + rest.split(TABLE_END, 1)[1]
+
+
 def write_page(argv):
     base = driver_defaults(argv)[0]
-    rows, done = table(read_records(results_path(base)), base)
+    summary, every, done = table(read_records(results_path(base)), base)
     try:
         images = pictures(done) if done else []
     except ImportError:
         images = []
         print('# no matplotlib: table only (pip install -r requirements-plot.txt)')
-    head = open(PAGE).read().split('<!-- table -->')[0] if os.path.exists(PAGE) else '# Results\n\n'
+    page = open(PAGE).read() if os.path.exists(PAGE) else '# Results\n\n%s\n%s\n' % (TABLE_START, TABLE_END)
+    page = filled(page, summary, every, images)
     with open(PAGE, 'w') as f:
-        f.write(head + '<!-- table -->\n' + '\n'.join(rows) + '\n\n')
-        f.write(''.join('![%s](results/%s)\n\n' % (n[:-4].replace('_', ' '), n) for n in images))
+        f.write(page)
     print('# wrote %s (%d runs)%s' % (PAGE, len(done), ''.join(' and results/' + n for n in images)))
 
 

@@ -36,8 +36,8 @@ def test_records_map_to_their_configuration():
 def test_a_run_that_differs_in_any_defining_setting_is_another_run(setting, value):
     r = record(**{setting: value})
     assert sweep.config_of(r, BASE) is None
-    rows, done = sweep.table([r], BASE)
-    assert done == [] and any(row.startswith('| %s=' % setting) for row in rows)
+    summary, every, done = sweep.table([r], BASE)
+    assert done == [] and any(row.startswith('| %s=' % setting) for row in every)
 
 
 def test_a_run_on_other_data_sizes_or_unfingerprinted_data_is_another_run():
@@ -80,25 +80,47 @@ def test_a_configuration_whose_last_run_stopped_goes_on_from_its_file(tmp_path):
 
 
 def test_table_lists_completed_runs_beside_the_published_numbers():
-    rows, done = sweep.table([record(), record(status='interrupted'), record(W1dim=[64, 5, 5])], BASE)
-    assert len(done) == 2 and len(rows) == 4
-    assert rows[2].startswith('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** |')
+    summary, every, done = sweep.table([record(), record(status='interrupted'), record(W1dim=[64, 5, 5])], BASE)
+    assert len(done) == 2 and summary[4:] == every[4:]              # one run each: both tables alike
+    assert summary[4].startswith('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** |')
     assert '| 5m03s | cpu: X | -lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | 2026-11-28 | ffffffff rebuilt |' \
-        in rows[2]
+        in summary[4]
+    assert summary[5].startswith('| 2 | 64 filters | - | 75.92% 13m01s | **70.00** |') and len(summary) == 6
     resumed = dict(record(resume='/runs/stopped.npz'), resumed={'epoch': 20, 'train_seconds': 100.0})
-    assert '| 5m03s (resumed) | cpu: X |' in sweep.table([resumed], BASE)[0][2]   # its last process's time only
+    assert '| 5m03s (resumed) | cpu: X |' in sweep.table([resumed], BASE)[0][4]   # its last process's time only
+
+
+def test_the_summary_holds_each_configurations_newest_run_on_each_device():
+    def run(date, accuracy, **kw):
+        return dict(record(**kw), date=date, test=[1.0, accuracy])
+    runs = [run('2026-11-29T09:00:00', 71.0), run('2026-11-28T09:00:00', 70.0), run('2026-11-28T10:00:00', 72.0,
+            W1dim=[64, 5, 5]), dict(run('2026-11-27T09:00:00', 73.0), device='cuda: H200')]
+    summary, every, done = sweep.table(runs, BASE)
+    shown = [(row.split(' | ')[0], row.split(' | ')[4], row.split(' | ')[9]) for row in summary[4:]]
+    assert shown == [('| 1', '**71.00**', 'cpu: X'), ('| 1', '**73.00**', 'cuda: H200'), ('| 2', '**72.00**', 'cpu: X')]
+    assert [row.split(' | ')[4] for row in every[4:]] == ['**73.00**', '**70.00**', '**71.00**', '**72.00**']
+
+
+def test_the_page_keeps_its_text_around_the_generated_part():
+    page = 'head\n%s\nold table\n%s\ntail\n' % (sweep.TABLE_START, sweep.TABLE_END)
+    new = sweep.filled(page, ['summary'], ['every'], ['learning_curves.png'])
+    assert new == ('head\n%s\nsummary\n\n![learning curves](results/learning_curves.png)\n\nevery\n%s\ntail\n'
+                   % (sweep.TABLE_START, sweep.TABLE_END))
+    assert sweep.filled(new, ['summary'], ['every'], ['learning_curves.png']) == new
+    with pytest.raises(SystemExit, match='markers'):
+        sweep.filled('head\n' + sweep.TABLE_START + '\n', [], [], [])
 
 
 def test_mnist_runs_have_their_own_table():
     mnist = dict(record(), script='mnist_mlp', settings={'H1': 1000, 'H2': None, 'eta': 0.1, 'datadir': None},
                  data_sizes={'L': 50000, 'V': 10000, 'T': 10000})
-    rows, done = sweep.table([record(), mnist, dict(mnist, status='interrupted')], BASE)
+    summary, every, done = sweep.table([record(), mnist, dict(mnist, status='interrupted')], BASE)
     assert done == [(sweep.CONFIGS[0], record())]
-    mnist_rows = rows[rows.index('| settings | our test % | data s | compile s | train s | total | device | BLAS'
-                                 ' | date | data |') + 2:]
+    mnist_rows = summary[summary.index('| settings | our test % | data s | compile s | train s | total | device | BLAS'
+                                       ' | date | data |') + 2:]
     assert mnist_rows == ['| H1=1000, H2=null, eta=0.1 | **70.00** | 1.0 | 2.0 | 300.0 | 5m03s | cpu: X | '
                           '-lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | 2026-11-28 | ffffffff  |']
-    assert sweep.table([record()], BASE)[0] == rows[:-6]        # no MNIST runs: no MNIST table
+    assert sweep.table([record()], BASE)[0] == summary[:-6]        # no MNIST runs: no MNIST table
 
 
 def test_parameter_files_resolve_from_the_records_folder(tmp_path):
