@@ -78,7 +78,8 @@ def adopt_resumed_run(namespace, names, overridden):
     try:
         saved = saved_settings(path)
     except SAVED_SETTINGS_ERRORS as e:
-        refuse('resume', namespace['resume'], 'a parameter file of an earlier run: %s: %s' % (path, e))
+        refuse('resume', namespace['resume'], 'a parameter file of an earlier run: %s is none, or is damaged (%s)'
+               % (path, e))
     if 'position' not in saved:
         refuse('resume', namespace['resume'], 'a parameter file saved by a run that can be resumed: %s was '
                'saved before runs could be (no momenta)' % path)

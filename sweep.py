@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+import zipfile
 
 import download
 
@@ -133,7 +134,7 @@ def stopped_file(records, config_overrides, base, device, data_fingerprint, resu
 
 
 # what saved_settings raises for a file that is no parameter file of ours
-SAVED_SETTINGS_ERRORS = (OSError, ValueError, KeyError)
+SAVED_SETTINGS_ERRORS = (OSError, ValueError, KeyError, zipfile.BadZipFile)
 
 
 def saved_settings(path):

@@ -241,6 +241,11 @@ def test_resume_takes_the_stopped_runs_settings_and_refuses_what_cannot_go_on(tm
         resume()
     with pytest.raises(SystemExit, match='is not a file'):
         runlog.apply_overrides({'resume': None}, ['resume'], ['--resume=%s' % (tmp_path / 'none.npz')])
+    whole = open(path, 'rb').read()
+    for damaged in (whole[:len(whole) // 2], b'not a zip', b''):          # cut short, another file, empty
+        open(path, 'wb').write(damaged)
+        with pytest.raises(SystemExit, match='--resume=.*needs a parameter file of an earlier run: %s is none, or is damaged' % path):
+            resume()
 
 
 def test_a_run_killed_outright_goes_on_from_its_last_logged_row(tmp_path, monkeypatch):

@@ -151,6 +151,8 @@ def test_a_killed_runs_checkpoint_is_found_by_its_settings(tmp_path):
         return [s for entry, recorded, s in sweep.to_run({1, 2}, False, BASE, 'cpu: X', DATA, list(records), results)]
     killed = checkpoint(gone.pid)
     assert stopped() == [killed, None]                          # configuration 1's, not 2's
+    (tmp_path / ('cifar10_convnet-20261129-130000-%d.checkpoint.npz' % gone.pid)).write_bytes(b'PK\x03\x04 cut')
+    assert stopped() == [killed, None]                          # a damaged file is passed over
     finished_later = dict(record(), date='2999-01-01T00:00:00')
     assert stopped(finished_later) == [None, None]              # a run here ended after it was written
     assert stopped(record()) == [killed, None]                  # ... or before: it goes on
