@@ -33,18 +33,20 @@ def apply_overrides(namespace, names, argv):
     """Apply --name=value arguments to the driver's globals; values are Python literals.
 
     Unknown names are rejected with the list of valid ones; each override is printed;
-    check_settings then checks every value.  --help (after any overrides) prints the
-    settings and exits; its last two lines are JSON: the device, then the settings
-    (sweep.py reads them).
+    check_settings then checks every value.  --help or -h (after any overrides) prints the
+    settings and exits; --help=json prints them as one JSON line, with the device (for
+    sweep.py and the benchmarks).
     """
     overridden = set()
     for arg in argv:
-        if arg == '--help':
+        if arg in ('--help', '-h'):
             print(sys.modules['__main__'].__doc__ or '')
             for k in names:
                 print('#   --%s=%r' % (k, namespace[k]))
-            print(json.dumps({'device': machine.device_description()}))
-            print(json.dumps({k: namespace[k] for k in names}))
+            print('# device here: %s' % machine.device_description())
+            sys.exit(0)
+        if arg == '--help=json':
+            print(json.dumps({'device': machine.device_description(), 'settings': {k: namespace[k] for k in names}}))
             sys.exit(0)
         m = re.match(r'--(\w+)=(.*)$', arg, re.S)
         if not m or m.group(1) not in names:

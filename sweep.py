@@ -69,13 +69,13 @@ def results_path(base):
 
 
 def driver_defaults(extra=()):
-    """(settings, device) of cifar10_convnet.py with these overrides, from its --help."""
-    probe = subprocess.run([sys.executable, os.path.join(HERE, 'cifar10_convnet.py')] + list(extra) + ['--help'],
+    """(settings, device) of cifar10_convnet.py with these overrides, from its --help=json."""
+    probe = subprocess.run([sys.executable, os.path.join(HERE, 'cifar10_convnet.py')] + list(extra) + ['--help=json'],
                            capture_output=True, text=True)
     if probe.returncode != 0:
         sys.exit(probe.stderr)
-    lines = probe.stdout.strip().splitlines()
-    return json.loads(lines[-1]), json.loads(lines[-2])['device']
+    described = json.loads(probe.stdout.strip().splitlines()[-1])      # after the overrides' lines
+    return described['settings'], described['device']
 
 
 def settings_key(settings):
@@ -162,14 +162,27 @@ def to_run(only, again, base, device, data_fingerprint, records, results=RESULTS
             for entry in CONFIGS if not only or entry[0] in only]
 
 
+def configuration_numbers(text):
+    """--only=1,2,6 as a set of CONFIGS numbers; anything else refused with one line."""
+    numbers = {entry[0] for entry in CONFIGS}
+    try:
+        only = {int(n) for n in text.split(',')}
+    except ValueError:
+        only = None
+    if not only or not only <= numbers:
+        sys.exit('error: --only=%s: needs numbers of the published configurations, from %s, e.g. --only=1,2,6'
+                 % (text, ', '.join(map(str, sorted(numbers)))))
+    return only
+
+
 def run(argv):
     only, again, extra = None, False, []
     for arg in argv:
         if arg.startswith('--only='):
-            only = {int(n) for n in arg[7:].split(',')}
+            only = configuration_numbers(arg[7:])
         elif arg == '--again':
             again = True
-        else:
+        elif arg != '--':                   # what follows a bare -- goes to the driver, as the rest
             extra.append(arg)
     driver = [sys.executable, os.path.join(HERE, 'cifar10_convnet.py')]
     base, device = driver_defaults(extra)

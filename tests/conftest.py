@@ -4,9 +4,11 @@ No test downloads anything.  Theano is told to raise on optimizer and shape erro
 before any test module imports it (subprocesses inherit the flags).
 """
 import gzip
+import json
 import os
 import pickle
 import struct
+import subprocess
 import sys
 
 import numpy as np
@@ -95,3 +97,10 @@ def small_problem(n=300, seed=0):
     y = rng.randint(0, 3, n).astype('int32')
     X = (rng.randn(n, 6) * 0.5 + np.eye(3, 6)[y] * 2).astype('float32')
     return X, y
+
+
+def driver_settings(command):
+    """A driver's settings (command: its path from ROOT, then overrides), from its --help=json."""
+    out = subprocess.run([sys.executable] + list(command) + ['--help=json'], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])['settings']

@@ -1,7 +1,5 @@
 """The benchmarks' command lines (their figures are measured by running them, not tested)."""
-import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +7,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
 import bench_run  # noqa: E402
 import bench_train  # noqa: E402
+from conftest import driver_settings  # noqa: E402
 
 
 def test_options_read_name_value_pairs():
@@ -38,9 +37,7 @@ def test_the_twin_evaluates_in_the_drivers_minibatches():
 def test_each_configuration_is_its_drivers_network_and_settings(config):
     """What bench_train times and the twin computes is what bench_run's driver command runs."""
     setup = bench_train.CONFIGS[config]
-    out = subprocess.run([sys.executable] + bench_run.driver_command(config) + ['--help'],
-                         capture_output=True, text=True, timeout=300)
-    settings = json.loads(out.stdout.strip().splitlines()[-1])
+    settings = driver_settings(bench_run.driver_command(config))
     assert [settings[k] for k in ('H1', 'H2', 'H3') if settings.get(k)] == setup.hidden
     assert (settings['eta'], settings['mu'], settings['lam'], settings['batchsize'], settings['Wstd']) == (
         setup.eta, setup.mu, setup.lam, bench_train.BATCH, bench_train.WSTD)

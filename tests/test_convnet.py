@@ -16,7 +16,7 @@ import convnet
 import nnet
 import theano
 import theano.tensor as T
-from conftest import ROOT, make_cifar, make_mnist
+from conftest import ROOT, driver_settings, make_cifar, make_mnist
 
 floatX = nnet.floatX
 
@@ -114,9 +114,11 @@ def test_only_weights_are_decayed_never_the_pool_threshold_or_biases():
                                 lam=0.0001, batchsize=100, nepoch=50, ZCAwhitening=True, quickL=False)),
     ('mnist_mlp.py', dict(H1=1000, H2=1000, eta=0.1, mu=0.9, lam=0.0, batchsize=100, nepoch=50, quickL=False))])
 def test_drivers_default_to_the_published_settings(script, published):
-    out = run_script(script, '--help')
-    settings = json.loads(out.stdout.strip().splitlines()[-1])
+    settings = driver_settings([script])
     assert {k: settings[k] for k in published} == published
+    text = run_script(script, '-h').stdout                       # for people: the docstring and the settings
+    assert text.startswith(('The published CIFAR-10', 'The MNIST')) and '{' not in text
+    assert '#   --eta=%r\n' % published['eta'] in text and '\n# device here: cpu' in text
 
 
 def python_ops(fn):

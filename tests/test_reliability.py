@@ -14,18 +14,12 @@ import download
 import nnet
 import runlog
 import sweep
-from conftest import ROOT, make_cifar, small_problem
-
-
-def driver_settings(script):
-    out = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+from conftest import ROOT, driver_settings, make_cifar, small_problem
 
 
 @pytest.fixture(scope='module')
 def settings():
-    return {script: driver_settings(script) for script in ('cifar10_convnet.py', 'mnist_mlp.py')}
+    return {script: driver_settings([script]) for script in ('cifar10_convnet.py', 'mnist_mlp.py')}
 
 
 def as_defaults(saved):

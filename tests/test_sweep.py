@@ -49,6 +49,14 @@ def test_a_run_on_other_data_sizes_or_unfingerprinted_data_is_another_run():
         assert shown in sweep.differences(r, BASE)
 
 
+def test_only_takes_the_published_configurations_numbers():
+    assert sweep.configuration_numbers('1,2,6') == {1, 2, 6}
+    for wrong in ('9', '0,1', 'x', '', '1,,2'):
+        with pytest.raises(SystemExit, match='--only=%s: needs numbers of the published configurations, from '
+                                             '1, 2, 3, 4, 5, 6' % wrong):
+            sweep.configuration_numbers(wrong)
+
+
 def test_resume_skips_only_completed_runs_of_the_same_settings_device_and_data():
     overrides = sweep.CONFIGS[1][2]                           # 64 filters
     done = record(W1dim=[64, 5, 5])
