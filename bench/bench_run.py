@@ -92,15 +92,14 @@ def twin(config, nepoch, datadir):
 
 
 def main(argv):
-    opts = bench_train.options(argv, __doc__)
-    nepoch = int(opts.get('nepoch', 3))
+    opts = bench_train.options(argv, __doc__, {'nepoch': 3, 'repeats': 2, 'datadir': None, 'twin': None})
+    nepoch = opts['nepoch']
     if not 1 <= nepoch <= 5:            # the twin logs (evaluates) every epoch, as the driver does up to 5
         sys.exit('error: --nepoch=%d: needs 1 to 5' % nepoch)
-    datadir = opts.get('datadir') or None
-    if 'twin' in opts:
+    datadir = opts['datadir'] or None
+    if opts['twin']:
         return twin(opts['twin'], nepoch, datadir)
-    configs = opts.get('configs', ','.join(bench_train.CONFIGS)).split(',')
-    repeats = int(opts.get('repeats', 2))
+    configs, repeats = opts['configs'], opts['repeats']
     print('# %s' % machine.device_description())
     print('# seconds per logged epoch (training pass + evaluation of L and V), epochs 1-%d, best of %d '
           'alternating processes a side' % (nepoch, repeats))

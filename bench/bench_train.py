@@ -164,25 +164,40 @@ def measure(side, config, batches, rounds, torch_device, conv):
     return min(run() for _ in range(rounds))
 
 
-def options(argv, usage):
-    """The --name=value arguments as a dict; -h or --help prints the usage, anything else stops."""
+def options(argv, usage, defaults):
+    """The --name=value arguments over defaults (name: default): a whole number where the default
+    is one, configs a list of CONFIGS' names.  -h or --help prints the usage; anything else stops
+    with one line."""
     if any(a in ('-h', '--help') for a in argv):
         print(usage)
         sys.exit(0)
     wrong = [a for a in argv if not (a.startswith('--') and '=' in a)]
     if wrong:
         sys.exit('error: %s: arguments are --name=value (see --help)' % ' '.join(wrong))
-    return dict(a[2:].split('=', 1) for a in argv)
+    opts = dict(defaults, configs=list(CONFIGS))
+    for name, value in (a[2:].split('=', 1) for a in argv):
+        if name not in opts:
+            sys.exit('error: --%s: not an option here; they are --%s (see --help)' % (name, ', --'.join(opts)))
+        if name == 'configs':
+            value = value.split(',')
+            if not set(value) <= set(CONFIGS):
+                sys.exit('error: --configs=%s: needs names from %s' % (','.join(value), ', '.join(CONFIGS)))
+        elif type(defaults[name]) is int:
+            if not value.isdigit() or int(value) < 1:
+                sys.exit('error: --%s=%s: needs a positive whole number' % (name, value))
+            value = int(value)
+        opts[name] = value
+    return opts
 
 
 def main(argv):
-    opts = options(argv, __doc__)
-    configs = opts.get('configs', ','.join(CONFIGS)).split(',')
-    batches = int(opts.get('batches', 100))
-    repeats = int(opts.get('repeats', 3))
-    torch_device = opts.get('torch-device', 'cpu')
-    conv = opts.get('conv', 'auto')
-    if 'only' in opts:                          # one side, in this process
+    opts = options(argv, __doc__, {'batches': 100, 'repeats': 3, 'torch-device': 'cpu', 'conv': 'auto',
+                                   'only': None})
+    configs, batches, repeats = opts['configs'], opts['batches'], opts['repeats']
+    torch_device, conv = opts['torch-device'], opts['conv']
+    if opts['only'] not in (None, 'theano', 'pytorch'):
+        sys.exit('error: --only=%s: needs theano or pytorch' % opts['only'])
+    if opts['only']:                            # one side, in this process
         if opts['only'] == 'theano':
             import convnet
             import runlog

@@ -10,27 +10,33 @@ import bench_train  # noqa: E402
 from conftest import driver_settings  # noqa: E402
 
 
+DEFAULTS = {'batches': 100, 'conv': 'auto'}
+
+
 def test_options_read_name_value_pairs():
-    assert bench_train.options(['--configs=64,default', '--batches=20'], 'usage') == {
-        'configs': '64,default', 'batches': '20'}
+    assert bench_train.options(['--configs=64,default', '--batches=20'], 'usage', DEFAULTS) == {
+        'configs': ['64', 'default'], 'batches': 20, 'conv': 'auto'}
+    assert bench_train.options([], 'usage', DEFAULTS) == dict(DEFAULTS, configs=list(bench_train.CONFIGS))
 
 
 def test_help_prints_the_usage(capsys):
     with pytest.raises(SystemExit) as stop:
-        bench_train.options(['--batches=20', '--help'], 'usage: the docstring')
+        bench_train.options(['--batches=20', '--help'], 'usage: the docstring', DEFAULTS)
     assert stop.value.code == 0 and capsys.readouterr().out == 'usage: the docstring\n'
 
 
-@pytest.mark.parametrize('argv', [['--nepoch'], ['nepoch=2'], ['--configs=64', '-x']])
-def test_anything_else_stops_with_the_remedy(argv):
+@pytest.mark.parametrize('argv, message', [
+    (['--nepoch'], 'arguments are --name=value (see --help)'),
+    (['nepoch=2'], 'arguments are --name=value (see --help)'),
+    (['--configs=64', '-x'], 'arguments are --name=value (see --help)'),
+    (['--batch=20'], '--batch: not an option here; they are --batches, --conv, --configs (see --help)'),
+    (['--batches=x'], '--batches=x: needs a positive whole number'),
+    (['--batches=0'], '--batches=0: needs a positive whole number'),
+    (['--configs=default,128'], '--configs=default,128: needs names from default, 64, 64-overlap, mnist-mlp')])
+def test_anything_else_stops_with_one_line_and_the_remedy(argv, message):
     with pytest.raises(SystemExit) as stop:
-        bench_train.options(argv, 'usage')
-    assert 'arguments are --name=value (see --help)' in str(stop.value.code)
-
-
-def test_the_twin_evaluates_in_the_drivers_minibatches():
-    import nnet
-    assert bench_train.EVAL_ROWS == nnet.EVAL_ROWS
+        bench_train.options(argv, 'usage', DEFAULTS)
+    assert stop.value.code == 'error: ' + (argv[-1] + ': ' + message if message.startswith('arguments') else message)
 
 
 @pytest.mark.parametrize('config', sorted(bench_train.CONFIGS))
