@@ -1,13 +1,14 @@
 """CIFAR-10 for the experiments: official python batches, the published split, ZCA whitening.
 
-    python cifar10.py [DATADIR]     # summary of the data set and a PNG montage
+    python cifar10.py [DATADIR]     # summary of the data set and a PNG montage in DATADIR
 
 Split as published: NL = 40000 training (data_batch_1..4), NV = 10000 validation
 (data_batch_5), NT = 10000 test (test_batch).  Pixels / 255, training mean subtracted,
 then ZCA whitening (epsilon 0.001) fitted on the training images only.
 
 The data live in DATADIR/cifar-10-batches-py/.  DATADIR is the drivers' `datadir`
-setting, else $NNET_DATADIR, else ./data beside these scripts.  Absent data are
+setting (a relative one taken from these scripts' folder), else $NNET_DATADIR, else ./data
+beside these scripts.  Absent data are
 downloaded (official archive, md5-checked; download.py).  It needs numpy only (scipy, if
 present, speeds up ZCA).
 """
@@ -24,7 +25,7 @@ import time
 import machine  # noqa: F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
 import numpy as np
 
-from download import DataError, Dataset, default_datadir, download, extract_tar, fingerprint, md5sum
+from download import DataError, Dataset, default_datadir, download, extract_tar, fingerprint, md5sum, resolve
 
 URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 ARCHIVE = 'cifar-10-python.tar.gz'
@@ -285,7 +286,13 @@ def montage(X, y, per_class=10):
 
 
 def main(argv):
-    datadir = argv[1] if len(argv) > 1 else default_datadir()
+    if argv[1:2] in (['-h'], ['--help']):
+        print(__doc__)
+        return
+    if len(argv) > 2 or argv[1:2] and argv[1].startswith('-'):
+        sys.exit('error: %s: the one argument is DATADIR, the folder that holds %s/ (see --help)'
+                 % (' '.join(argv[1:]), FOLDER))
+    datadir = resolve(argv[1]) if len(argv) > 1 else default_datadir()
     raw = load_raw(datadir)
     print('# CIFAR-10 at %s' % os.path.join(datadir, FOLDER))
     print('# split  rows   ' + ' '.join('%6s' % c[:6] for c in CLASSES))

@@ -214,3 +214,11 @@ def test_real_cifar10_layout():
     assert [len(raw[k][1]) for k in 'LVT'] == [40000, 10000, 10000]
     assert np.bincount(raw['T'][1]).tolist() == [1000] * 10
     assert np.bincount(np.concatenate([raw['L'][1], raw['V'][1]])).tolist() == [5000] * 10
+
+
+@pytest.mark.parametrize('argv', [['--x'], ['-d', 'data'], ['data', 'more']])
+def test_cifar10_py_takes_one_datadir_and_refuses_the_rest(argv, capsys):
+    with pytest.raises(SystemExit, match='the one argument is DATADIR, the folder that holds cifar-10-batches-py/'):
+        cifar10.main(['cifar10.py'] + argv)            # before anything is made or downloaded there
+    cifar10.main(['cifar10.py', '--help'])
+    assert capsys.readouterr().out.startswith('CIFAR-10 for the experiments')
