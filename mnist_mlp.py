@@ -62,7 +62,7 @@ def main():
     print('# eta = ', eta, ' mu = ', mu, ' lam = ', lam)
     print('### training:   NL = ', len(data['L'][1]), ' NV = ', len(data['V'][1]),
           ' K = ', 10, ' batchsize = ', batchsize)
-    print('# data fingerprint: %s' % data.fingerprint[:16], flush=True)
+    runlog.data_loaded(data, resume)
 
     with runlog.waiting('compiling (slow only the first time: Theano caches the compiled code)'):
         trainer = nnet.Trainer(net, data, batchsize, eta, mu, lam)

@@ -181,6 +181,16 @@ def run_info():
             'host': platform.node(), 'date': datetime.datetime.now().isoformat(timespec='seconds')}
 
 
+def data_loaded(data, resume):
+    """The data's fingerprint in the log; a resumed run's data must be those of the run it goes
+    on from (refused here, before the compile)."""
+    print('# data fingerprint: %s' % data.fingerprint[:16], flush=True)
+    theirs = resume and saved_settings(resume).get('data_fingerprint')
+    if resume and theirs != data.fingerprint:
+        sys.exit('error: --resume=%s: its run had other data (fingerprint %s; these: %s)' % (
+            resume, theirs, data.fingerprint))
+
+
 def print_ops(trainer):
     """Log lines naming the ops of the training step, the GPU's first: what ran where."""
     for where, ops in zip(('GPU', 'CPU'), trainer.ops()):
@@ -392,10 +402,7 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     say('# checkpoint at every logged row (if this run dies: --resume=it): %s' % checkpoint)
     first, start, before = 0, (0, 0.0, 0.0), 0.0
     if resume:
-        state = trainer.restore(resume)
-        if state.get('data_fingerprint') != extra.get('data_fingerprint'):
-            sys.exit('error: --resume=%s: its run had other data (fingerprint %s; these: %s)' % (
-                resume, state.get('data_fingerprint'), extra.get('data_fingerprint')))
+        state = trainer.restore(resume)            # its data were checked by data_loaded
         at = state['position']
         first, start, before = at['epoch'], (at['minibatch'], at['cost'], at['correct']), state['train_seconds']
         epochs += state['epochs']

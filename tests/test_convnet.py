@@ -317,3 +317,4 @@ def test_a_finished_run_resumed_with_more_epochs_logs_as_one_run(tmp_path):
                         '--outdir=%s' % (tmp_path / 'resumed'))
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(
         'error: --resume=%s: its run had other data' % first)
+    assert '# data fingerprint' in result.stdout and '# compiled' not in result.stdout      # refused before
