@@ -286,6 +286,21 @@ def device_description():
     return 'cpu: %s, %d cores' % (model, os.cpu_count())
 
 
+def memory_used():
+    """What the run took, in MiB: this process's peak resident memory and, on the GPU, the device
+    memory in use now (device-wide, counting the blocks libgpuarray keeps cached for reuse)."""
+    import resource
+    used = {'peak_resident': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}   # KiB on Linux
+    if gpu_asked():
+        try:
+            from theano.gpuarray.type import get_context
+            context = get_context(None)
+            used['gpu_in_use'] = round((context.total_gmem - context.free_gmem) / 2 ** 20)
+        except Exception:
+            pass                                # no GPU after all: require_gpu_if_asked said so
+    return used
+
+
 def require_gpu_if_asked(gpu_ops=None):
     """Theano falls back to the CPU silently when the GPU cannot start: refuse to run mislabelled.
 

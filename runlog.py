@@ -468,6 +468,9 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         s = record['seconds']
         say('# seconds: data %.1f  compile %.1f  train %.1f  total %.1f'
             % (s['data'], s['compile'], s['train'], s['total']))
+        record['memory_mib'] = used = machine.memory_used()
+        gpu = ', GPU %.2f GiB in use at the end' % (used['gpu_in_use'] / 1024) if 'gpu_in_use' in used else ''
+        say('# memory: peak %.2f GiB resident%s' % (used['peak_resident'] / 1024, gpu))
         saved = save_run(record, trainer, settings, outdir, script)
     finally:
         for sig, handler in previous.items():

@@ -39,6 +39,19 @@ MUTATIONS = [  # what, file, published text, mutated text
     ('the same on the GPU', 'cpublas.py', 'if lam is not None else mu * v', 'if lam is not None else v'),
     ('weights not decayed (W decays, the thresholds do not)', 'nnet.py',
      'lam = self.lam if any(p is w for w in net.decay) else None', 'lam = None'),
+    ('the validation split from data_batch_4 (published: data_batch_5)', 'cifar10.py',
+     "'V': ['data_batch_5']", "'V': ['data_batch_4']"),
+    ('pixels / 256 (published: / 255)', 'cifar10.py', 'np.asarray(255, dtype)', 'np.asarray(256, dtype)'),
+    ('the mean taken over every split (published: the training images only)', 'cifar10.py',
+     "mean = X['L'].mean(axis=0", "mean = np.concatenate(list(X.values())).mean(axis=0"),
+    ('the ZCA fitted on training and validation images (published: training only)', 'cifar10.py',
+     "W = zca_matrix(X['L'], epsilon)", "W = zca_matrix(np.concatenate([X['L'], X['V']]), epsilon)"),
+    ('the pool stride half the window by default (published: stride = window)', 'convnet.py',
+     'tuple(st or ds)', 'tuple(st or (ds[0] // 2, ds[1] // 2))'),
+    ('the thresholds starting at 0.1 (published: b = 0)', 'convnet.py',
+     'self.b = nnet.theano.shared(np.zeros(C, nnet.floatX))', 'self.b = nnet.theano.shared(np.full(C, 0.1, nnet.floatX))'),
+    ('the gradient of the summed cost (published: the minibatch mean, for eta = 0.01)', 'nnet.py',
+     'T.grad(sum_cost / x.shape[0].astype(floatX), net.params)', 'T.grad(sum_cost, net.params)'),
 ]
 
 

@@ -175,6 +175,9 @@ def test_cifar10_convnet_runs_end_to_end(tmp_path):
     assert re.search(r'^2 \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \*$', log, re.M)
     assert re.search(r'^# seconds: data [\d.]+  compile [\d.]+  train [\d.]+  total [\d.]+$', log, re.M)
     record = json.loads((out / 'results.jsonl').read_text())
+    peak = record['memory_mib']['peak_resident']                   # numpy and Theano alone take more than 50
+    assert record['memory_mib'] == {'peak_resident': peak} and 50 < peak < 8192
+    assert '\n# memory: peak %.2f GiB resident\n' % (peak / 1024) in log
     assert record['status'] == 'completed' and record['settings']['W1dim'] == [4, 5, 5]
     assert record['H1'] == 196 and len(record['test']) == 2 and len(record['epochs']) == 3
     assert set(record['seconds']) == {'data', 'compile', 'train', 'total'}

@@ -199,3 +199,14 @@ def test_the_log_line_names_each_loaded_openblas_with_its_kernels():
                           'print(json.dumps([machine.blas_description(), {openblas.library_label(p): v + " " + core '
                           'for p, (v, core) in openblas.loaded().items()}]))')
     assert "numpy's" in chosen and "numpy's %s" % chosen["numpy's"] in line
+
+
+def test_memory_used_names_the_gpus_memory_in_use_on_the_gpu(monkeypatch):
+    import types
+    pytest.importorskip('pygpu')
+    import theano.gpuarray.type
+    assert list(machine.memory_used()) == ['peak_resident']          # on the CPU
+    monkeypatch.setattr(machine, 'gpu_asked', lambda: True)
+    monkeypatch.setattr(theano.gpuarray.type, 'get_context',
+                        lambda name: types.SimpleNamespace(total_gmem=141 * 2 ** 30, free_gmem=139 * 2 ** 30))
+    assert machine.memory_used()['gpu_in_use'] == 2048
