@@ -29,7 +29,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'runs', 'results.jsonl')
 PAGE = os.path.join(HERE, 'RESULTS.md')
 PICTURES = os.path.join(HERE, 'results')
-LOGS = os.path.join(HERE, 'runs', 'logs')
 
 # number, description, overrides of cifar10_convnet.py, published (CPU, Tesla K20c) test % and wall-clock
 CONFIGS = [
@@ -201,8 +200,9 @@ def run(argv):
         if stopped:                         # its settings are these; it goes on from where it stopped
             args = ['--resume=' + stopped]
         print('# %d. %s: %s' % (number, title, ' '.join(driver[1:] + args + extra)), flush=True)
-        os.makedirs(LOGS, exist_ok=True)
-        log = os.path.join(LOGS, '%d-%s.log' % (number, time.strftime('%Y%m%d-%H%M%S')))
+        logs = os.path.join(os.path.dirname(results), 'logs')       # beside the records, in outdir
+        os.makedirs(logs, exist_ok=True)
+        log = os.path.join(logs, '%d-%s.log' % (number, time.strftime('%Y%m%d-%H%M%S')))
         with open(log, 'w') as f:            # the run's own log, kept beside its record
             proc = subprocess.Popen(driver + args + extra, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)

@@ -86,6 +86,17 @@ def test_pool_layer_max_pools_then_thresholds_per_channel_then_relu(ds, st, shap
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_published_cnn_starts_from_zero_mean_normal_weights_and_zero_thresholds():
+    net = convnet.CNN(np.random.RandomState(0), (3, 32, 32), [(16, (5, 5), (4, 4), None)], [1000], 10, Wstd=0.01)
+    weights = [p.get_value() for p in net.decay]
+    assert [w.shape for w in weights] == [(16, 3, 5, 5), (784, 1000), (1000, 10)]
+    for w in weights:
+        assert abs(w.mean()) < 0.002 and w.std() == pytest.approx(0.01, rel=0.1)
+    thresholds = [p.get_value() for p in net.params if not any(p is w for w in net.decay)]
+    assert [b.shape for b in thresholds] == [(16,), (1000,), (10,)]    # after the pooling, then each dense layer's
+    assert not any(b.any() for b in thresholds)
+
+
 def test_cnn_gradient_matches_finite_differences():
     """Through our own layers (conv, overlapping pool with threshold and ReLU, flatten, softmax)."""
     rng = np.random.RandomState(0)
