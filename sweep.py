@@ -250,22 +250,24 @@ def data_label(r):
     return '%s %s' % (r.get('data_fingerprint', '')[:8] or '-', r['settings'].get('datanote') or r.get('data_dir', ''))
 
 
-def run_columns(r):
+def run_columns(r, full=True):
     """A run's columns from its test accuracy on: test %, data, compile and train seconds, total,
-    device, BLAS, date, data."""
+    device, (full: BLAS,) date, (full: data)."""
     s = r['seconds']
-    return '**%.2f** | %.1f | %.1f | %.1f | %s | %s | %s | %s | %s |' % (
-        r['test'][1], s['data'], s['compile'], s['train'], total(r), r['device'],
-        r.get('blas', '').split(' (')[0], r['date'][:10], data_label(r))
+    columns = ['**%.2f**' % r['test'][1], '%.1f' % s['data'], '%.1f' % s['compile'], '%.1f' % s['train'],
+               total(r), r['device'], r.get('blas', '').split(' (')[0], r['date'][:10], data_label(r)]
+    return ' | '.join(columns if full else columns[:6] + columns[7:8]) + ' |'
 
 
-CONFIG_HEADER = ['| # | configuration | published CPU | published Tesla K20c | our test % | data s | compile s'
-                 ' | train s | total | device | BLAS | date | data |',
-                 '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+def config_header(full=True):
+    names = ['#', 'configuration', 'published CPU', 'published Tesla K20c', 'our test %', 'data s', 'compile s',
+             'train s', 'total', 'device', 'BLAS', 'date', 'data']
+    names = names if full else names[:10] + names[11:12]
+    return ['| %s |' % ' | '.join(names), '|%s' % ('---|' * len(names))]
 
 
-def config_row(entry, r):
-    return '| %d | %s | %s | %s | %s' % (entry[0], entry[1], entry[3][0] or '-', entry[3][1], run_columns(r))
+def config_row(entry, r, full=True):
+    return '| %d | %s | %s | %s | %s' % (entry[0], entry[1], entry[3][0] or '-', entry[3][1], run_columns(r, full))
 
 
 def table(records, base):
@@ -276,11 +278,12 @@ def table(records, base):
                  if r.get('status') == 'completed' and r.get('script') == 'cifar10_convnet']
     done = sorted(((entry, r) for entry, r in completed if entry), key=lambda d: (d[0][0], d[1]['date']))
     newest = {(entry[0], r['device']): (entry, r) for entry, r in done}      # later runs overwrite
-    summary = (['The newest run of each published configuration on each device (every run: further down):', '']
-               + CONFIG_HEADER + [config_row(entry, r) for entry, r in
-                                  sorted(newest.values(), key=lambda d: (d[0][0], d[1]['device']))])
+    summary = (['The newest run of each published configuration on each device (every run, with its BLAS and'
+                ' data: further down):', ''] + config_header(full=False)
+               + [config_row(entry, r, full=False) for entry, r in
+                  sorted(newest.values(), key=lambda d: (d[0][0], d[1]['device']))])
     every = ['Every run of the published configurations, oldest first (the code, the VM and the BLAS'
-             ' kernels changed between them: see the notes above the table):', ''] + CONFIG_HEADER
+             ' kernels changed between them: see the notes above the table):', ''] + config_header()
     every += [config_row(entry, r) for entry, r in done]
     others = [r for entry, r in completed if not entry]
     if others:

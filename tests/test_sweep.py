@@ -89,11 +89,17 @@ def test_a_configuration_whose_last_run_stopped_goes_on_from_its_file(tmp_path):
 
 def test_table_lists_completed_runs_beside_the_published_numbers():
     summary, every, done = sweep.table([record(), record(status='interrupted'), record(W1dim=[64, 5, 5])], BASE)
-    assert len(done) == 2 and summary[4:] == every[4:]              # one run each: both tables alike
-    assert summary[4].startswith('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** |')
-    assert '| 5m03s | cpu: X | -lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | 2026-11-28 | ffffffff rebuilt |' \
-        in summary[4]
-    assert summary[5].startswith('| 2 | 64 filters | - | 75.92% 13m01s | **70.00** |') and len(summary) == 6
+    assert len(done) == 2 and len(summary) == len(every) == 6             # one run each
+    assert summary[2] == ('| # | configuration | published CPU | published Tesla K20c | our test % | data s | '
+                          'compile s | train s | total | device | date |')
+    assert summary[4] == ('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** | 1.0 | '
+                          '2.0 | 300.0 | 5m03s | cpu: X | 2026-11-28 |')
+    assert summary[5].startswith('| 2 | 64 filters | - | 75.92% 13m01s | **70.00** |')
+    assert every[2].endswith('| total | device | BLAS | date | data |') and set(every[3]) == {'|', '-'}
+    assert every[4] == ('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** | 1.0 | '
+                        '2.0 | 300.0 | 5m03s | cpu: X | -lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | '
+                        '2026-11-28 | ffffffff rebuilt |')
+    assert every[3].count('---') == every[2].count('|') - 1 and summary[3].count('---') == summary[2].count('|') - 1
     resumed = dict(record(resume='/runs/stopped.npz'), resumed={'epoch': 20, 'train_seconds': 100.0})
     assert '| 5m03s (resumed) | cpu: X |' in sweep.table([resumed], BASE)[0][4]   # its last process's time only
 
