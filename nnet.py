@@ -145,6 +145,24 @@ class MLP(Network):
 
 # ---------------------------------------------------------------- cost and training
 
+def joined(parts):
+    """The parts' rows as one array: the array they are consecutive views of, in order, if so
+    (cifar10.load gives its splits so), else their concatenation."""
+    base = parts[0].base
+    if isinstance(base, np.ndarray) and base.flags.c_contiguous and all(
+            p.base is base and p.flags.c_contiguous and p.dtype == base.dtype and p.shape[1:] == parts[0].shape[1:]
+            for p in parts):
+        address = base.__array_interface__['data'][0]
+        for p in parts:
+            if p.__array_interface__['data'][0] != address:
+                break
+            address += p.nbytes
+        else:
+            if address == base.__array_interface__['data'][0] + base.nbytes:
+                return base.reshape((-1,) + parts[0].shape[1:])        # a view
+    return np.concatenate(parts)
+
+
 class TrainingDiverged(Exception):
     pass
 
@@ -177,9 +195,8 @@ class Trainer:
         for name, (X, y) in data.items():
             self.bounds[name] = (start, start + len(y))
             start += len(y)
-        # borrow: the concatenation is ours alone, so no second 737 MB copy
-        self.X = theano.shared(np.concatenate([np.asarray(X, floatX) for X, y in data.values()]), 'X',
-                               borrow=True)
+        # borrow: no second 737 MB copy (the splits' own array, which training never writes, or a concatenation)
+        self.X = theano.shared(joined([np.asarray(X, floatX) for X, y in data.values()]), 'X', borrow=True)
         self.y = theano.shared(np.concatenate([np.asarray(y, 'int32') for X, y in data.values()]), 'y',
                                borrow=True)
         self.eta = theano.shared(np.asarray(eta, floatX), 'eta')

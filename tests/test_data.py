@@ -1,4 +1,5 @@
 """cifar10.py and mnist.py: formats, split, plane order, ZCA and its cache, downloads, bad input."""
+import glob
 import hashlib
 import io
 import os
@@ -92,6 +93,35 @@ def test_zca_cache_is_reused_only_for_the_same_data_and_epsilon(cifar_dir, monke
     make_cifar(cifar_dir, seed=7)                 # other pixels: the cache must not be served
     with pytest.raises(AssertionError, match='refitted'):
         cifar10.load(cifar_dir)
+
+
+def test_the_splits_come_in_one_array_that_the_trainer_takes_without_a_copy(cifar_dir):
+    """The published data are 737 MB of float32: one copy, not a second one joined for Theano."""
+    import nnet
+    fitted = cifar10.load(cifar_dir)
+    cifar10.flush_cache()
+    cached = cifar10.load(cifar_dir)
+    for data in (fitted, cached, cifar10.load(cifar_dir, zca=False)):
+        rows = nnet.joined([data[s][0] for s in 'LVT'])
+        assert np.shares_memory(rows, data['T'][0]) and rows.shape == (600, 3072)
+        np.testing.assert_array_equal(rows[400:500], data['V'][0])
+    for split in 'LVT':
+        np.testing.assert_array_equal(cached[split][0], fitted[split][0])      # read back bit for bit
+    cut, = glob.glob(os.path.join(cifar_dir, 'cache', 'cifar10-zca-*', 'V.npy'))
+    with open(cut, 'r+b') as f:
+        f.truncate(os.path.getsize(cut) - 4)
+    lines = []
+    again = cifar10.load(cifar_dir, log=lines.append)       # a cache file cut short is no cache: fitted again
+    assert 'fitting the ZCA whitening' in lines[0]
+    np.testing.assert_array_equal(again['V'][0], fitted['V'][0])
+
+
+def test_whitening_a_block_of_rows_at_a_time_is_the_product():
+    rng = np.random.RandomState(0)
+    x, W = rng.randn(23, 6).astype('float32'), rng.randn(6, 6).astype('float32')
+    want = x @ W
+    cifar10._whiten_in_place(x, W, rows=5)
+    np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-6)
 
 
 def _batch_path(datadir, name='data_batch_3'):

@@ -180,3 +180,16 @@ def test_nan_guard_names_the_epoch():
     trainer = nnet.Trainer(nnet.MLP(np.random.RandomState(0), 6, [5], 3), {'L': (X, y)}, 10, 0.1, 0.9, 0.0)
     with pytest.raises(nnet.TrainingDiverged, match='epoch 3, minibatch 2'):
         trainer.train_epoch('L', 'epoch 3')
+
+
+def test_joined_takes_the_array_its_parts_are_consecutive_views_of():
+    rows = np.arange(60, dtype=floatX).reshape(12, 5)
+    whole = nnet.joined([rows[:7], rows[7:9], rows[9:]])
+    assert np.shares_memory(whole, rows) and np.array_equal(whole, rows)     # no copy
+    for parts in ([rows[:7], rows[9:], rows[7:9]],        # out of order
+                  [rows[:7], rows[8:]],                   # a row left out
+                  [rows[:7], rows[7:9]],                  # not the whole array
+                  [rows[:7].copy(), rows[7:]],            # another array
+                  [rows[:, :2], rows[:, 2:4]]):           # columns
+        out = nnet.joined(parts)
+        assert not np.shares_memory(out, rows) and np.array_equal(out, np.concatenate(parts))
