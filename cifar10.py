@@ -209,7 +209,8 @@ def flush_cache():
 
 def _load_cache(path, key, splits):
     """The cached mean and ZCA matrix, {'mean': ..., 'zca': ...}, with the whitened rows read
-    straight into the splits' arrays; None if the cache is absent, another's or damaged."""
+    straight into the splits' arrays; None if the cache is absent, another's or damaged (a
+    damaged one is removed, so that this run's fit writes a whole one)."""
     if _cache_meta(path).get('key') != key:
         return None
     try:
@@ -217,6 +218,7 @@ def _load_cache(path, key, splits):
             _read_into(os.path.join(path, name + '.npy'), rows)
         return {n: np.load(os.path.join(path, n + '.npy')) for n in ('mean', 'zca')}
     except (OSError, ValueError):
+        shutil.rmtree(path, ignore_errors=True)
         return None
 
 

@@ -114,6 +114,10 @@ def test_the_splits_come_in_one_array_that_the_trainer_takes_without_a_copy(cifa
     again = cifar10.load(cifar_dir, log=lines.append)       # a cache file cut short is no cache: fitted again
     assert 'fitting the ZCA whitening' in lines[0]
     np.testing.assert_array_equal(again['V'][0], fitted['V'][0])
+    cifar10.flush_cache()
+    lines.clear()
+    cifar10.load(cifar_dir, log=lines.append)               # ... and cached whole again, not refitted every run
+    assert len(lines) == 1 and 'from cache' in lines[0]
 
 
 def test_whitening_a_block_of_rows_at_a_time_is_the_product():
