@@ -25,7 +25,8 @@ import time
 import machine  # noqa: F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
 import numpy as np
 
-from download import DataError, Dataset, default_datadir, download, extract_tar, fingerprint, md5sum, resolve
+from download import (DataError, Dataset, default_datadir, download, extract_tar, fingerprint, md5sum, resolve,
+                      scaled_and_centred, split_rows)
 
 URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 ARCHIVE = 'cifar-10-python.tar.gz'
@@ -234,25 +235,6 @@ def _read_into(path, out):
             raise ValueError('%s is cut short' % path)
 
 
-def _one_array(raw, dtype):
-    """{split: rows}, the rows of all splits in one (N, 3072) array of dtype, uninitialised, each
-    split's a view of it in order: nnet.Trainer takes that array as it is, no second copy."""
-    sizes = [len(y) for pixels, y in raw.values()]
-    rows = np.empty((sum(sizes), raw['L'][0].shape[1]), dtype)
-    ends = np.cumsum(sizes)
-    return {name: rows[end - size:end] for name, size, end in zip(raw, sizes, ends)}
-
-
-def _scaled_and_centred(raw, splits):
-    """Pixels / 255 into splits' arrays, minus the training images' mean; and that mean."""
-    for name, (pixels, y) in raw.items():
-        np.true_divide(pixels, np.asarray(255, splits[name].dtype), out=splits[name])
-    mean = splits['L'].mean(axis=0, dtype=np.float64).astype(splits['L'].dtype)
-    for x in splits.values():
-        x -= mean
-    return mean
-
-
 def _whiten_in_place(x, W, rows=10000):
     """x = x W, a block of rows at a time (the same bits as one product, as fast, 120 MB extra)."""
     block = np.empty((min(rows, len(x)), W.shape[1]), x.dtype)
@@ -277,16 +259,16 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     raw = load_raw(datadir)
     labels = {name: y for name, (X, y) in raw.items()}
     data_fingerprint = fingerprint(raw)
-    X = _one_array(raw, dtype)
+    X = split_rows(raw, dtype)
     if not zca:
-        _scaled_and_centred(raw, X)
+        scaled_and_centred(raw, X)
         log and log('data: mean subtracted, no ZCA (%.1f s)' % (time.time() - start))
         return Dataset({name: (x, labels[name]) for name, x in X.items()}, data_fingerprint)
     key = _cache_key(data_fingerprint, epsilon, dtype)
     path = os.path.join(datadir, 'cache', 'cifar10-zca-' + key[:16])
     cached = _load_cache(path, key, X) if cache else None
     if cached is None:
-        mean = _scaled_and_centred(raw, X)
+        mean = scaled_and_centred(raw, X)
         log and log('data: fitting the ZCA whitening on the %d training images (once for these data: '
                     'cached for the next runs)' % len(X['L']))
         W = zca_matrix(X['L'], epsilon)

@@ -1,5 +1,6 @@
 """Getting data files safely: the data folder, verified downloads, safe extraction, DataError,
-and the fingerprint that identifies a data set in the run records.
+and the fingerprint that identifies a data set in the run records; the splits' rows in one
+array, scaled and centred (both data sets' first preprocessing steps).
 
 cifar10.py and mnist.py stand on this.
 """
@@ -128,6 +129,29 @@ class Dataset(dict):
     def __init__(self, splits, fingerprint):
         super().__init__(splits)
         self.fingerprint = fingerprint
+
+
+def split_rows(raw, dtype):
+    """{split: rows} for raw {split: (pixels (N, D) uint8, labels)}: the rows of all splits in one
+    (N_total, D) array of dtype, uninitialised, each split's a view of it in order, so that
+    nnet.Trainer takes that array as it is (no second copy of the data)."""
+    import numpy as np                 # here: machine.py must load before numpy, and sweep.py imports this
+    sizes = [len(y) for pixels, y in raw.values()]
+    rows = np.empty((sum(sizes), raw['L'][0].shape[1]), dtype)
+    ends = np.cumsum(sizes)
+    return {name: rows[end - size:end] for name, size, end in zip(raw, sizes, ends)}
+
+
+def scaled_and_centred(raw, splits):
+    """The published preprocessing's first steps, into split_rows' arrays: pixels / 255, minus
+    the training images' mean (fitted on L only); and that mean."""
+    import numpy as np
+    for name, (pixels, y) in raw.items():
+        np.true_divide(pixels, np.asarray(255, splits[name].dtype), out=splits[name])
+    mean = splits['L'].mean(axis=0, dtype=np.float64).astype(splits['L'].dtype)
+    for x in splits.values():
+        x -= mean
+    return mean
 
 
 def fingerprint(raw):

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from download import DataError, Dataset, default_datadir, download, fingerprint
+from download import DataError, Dataset, default_datadir, download, fingerprint, scaled_and_centred, split_rows
 
 MIRRORS = ['https://ossci-datasets.s3.amazonaws.com/mnist/',
            'https://storage.googleapis.com/cvdf-datasets/mnist/']
@@ -69,7 +69,6 @@ def load(datadir=None, dtype='float32'):
     XT, yT = load_pair(folder, 't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
     nL = len(X) - min(NV, len(X) // 6)
     raw = {'L': (X[:nL], y[:nL]), 'V': (X[nL:], y[nL:]), 'T': (XT, yT)}
-    scaled = [a.astype(dtype) / np.asarray(255, dtype) for a in (X[:nL], X[nL:], XT)]
-    mean = scaled[0].mean(axis=0, dtype=np.float64).astype(dtype)
-    return Dataset({'L': (scaled[0] - mean, y[:nL]), 'V': (scaled[1] - mean, y[nL:]), 'T': (scaled[2] - mean, yT)},
-                   fingerprint(raw))
+    rows = split_rows(raw, dtype)
+    scaled_and_centred(raw, rows)
+    return Dataset({name: (rows[name], labels) for name, (pixels, labels) in raw.items()}, fingerprint(raw))

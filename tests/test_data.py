@@ -11,6 +11,7 @@ import pytest
 
 import cifar10
 import mnist
+import nnet
 from conftest import SHARED, make_cifar, make_mnist, write_idx, write_py2_pickle
 
 
@@ -97,7 +98,6 @@ def test_zca_cache_is_reused_only_for_the_same_data_and_epsilon(cifar_dir, monke
 
 def test_the_splits_come_in_one_array_that_the_trainer_takes_without_a_copy(cifar_dir):
     """The published data are 737 MB of float32: one copy, not a second one joined for Theano."""
-    import nnet
     fitted = cifar10.load(cifar_dir)
     cifar10.flush_cache()
     cached = cifar10.load(cifar_dir)
@@ -218,6 +218,7 @@ def test_mnist_split_and_scaling(tmp_path):
     raw = mnist.read_idx(str(tmp_path / 'mnist' / 'train-images-idx3-ubyte.gz')).reshape(600, 784)
     mean = (raw[:500] / 255.0).mean(axis=0)
     np.testing.assert_allclose(data['V'][0], raw[500:] / 255.0 - mean, atol=1e-5)
+    assert np.shares_memory(nnet.joined([data[s][0] for s in 'LVT']), data['T'][0])     # one array, as CIFAR-10's
 
 
 def test_mnist_bad_files_raise_clear_errors(tmp_path):
