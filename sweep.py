@@ -250,20 +250,30 @@ def data_label(r):
     return '%s %s' % (r.get('data_fingerprint', '')[:8] or '-', r['settings'].get('datanote') or r.get('data_dir', ''))
 
 
+RUN_COLUMNS = ('our test %', 'data s', 'compile s', 'train s', 'total', 'device', 'BLAS', 'date', 'data')
+WHERE_COLUMNS = ('BLAS', 'data')        # in the tables of every run only
+
+
+def run_column_names(full=True):
+    return [name for name in RUN_COLUMNS if full or name not in WHERE_COLUMNS]
+
+
 def run_columns(r, full=True):
-    """A run's columns from its test accuracy on: test %, data, compile and train seconds, total,
-    device, (full: BLAS,) date, (full: data)."""
+    """A run's columns, RUN_COLUMNS (full=False: without WHERE_COLUMNS)."""
     s = r['seconds']
-    columns = ['**%.2f**' % r['test'][1], '%.1f' % s['data'], '%.1f' % s['compile'], '%.1f' % s['train'],
-               total(r), r['device'], r.get('blas', '').split(' (')[0], r['date'][:10], data_label(r)]
-    return ' | '.join(columns if full else columns[:6] + columns[7:8]) + ' |'
+    values = dict(zip(RUN_COLUMNS, ['**%.2f**' % r['test'][1], '%.1f' % s['data'], '%.1f' % s['compile'],
+                                    '%.1f' % s['train'], total(r), r['device'], r.get('blas', '').split(' (')[0],
+                                    r['date'][:10], data_label(r)]))
+    return ' | '.join(values[name] for name in run_column_names(full)) + ' |'
+
+
+def header(names):
+    """A markdown table's header and rule for these column names."""
+    return ['| %s |' % ' | '.join(names), '|%s' % ('---|' * len(names))]
 
 
 def config_header(full=True):
-    names = ['#', 'configuration', 'published CPU', 'published Tesla K20c', 'our test %', 'data s', 'compile s',
-             'train s', 'total', 'device', 'BLAS', 'date', 'data']
-    names = names if full else names[:10] + names[11:12]
-    return ['| %s |' % ' | '.join(names), '|%s' % ('---|' * len(names))]
+    return header(['#', 'configuration', 'published CPU', 'published Tesla K20c'] + run_column_names(full))
 
 
 def config_row(entry, r, full=True):
@@ -287,8 +297,8 @@ def table(records, base):
     every += [config_row(entry, r) for entry, r in done]
     others = [r for entry, r in completed if not entry]
     if others:
-        every += ['', 'Other runs (each differs from a published configuration as shown):', '',
-                  '| differs in | test % | total | device | date | data |', '|---|---|---|---|---|---|']
+        every += (['', 'Other runs (each differs from a published configuration as shown):', '']
+                  + header(['differs in', 'test %', 'total', 'device', 'date', 'data']))
         every += ['| %s | %.2f | %s | %s | %s | %s |' % (differences(r, base), r['test'][1],
                                                        total(r), r['device'], r['date'][:10],
                                                        data_label(r)) for r in others]
@@ -304,9 +314,8 @@ def mnist_rows(records):
                   key=lambda r: r['date'])
     if not runs:
         return []
-    rows = ['', 'The MNIST MLP (`python mnist_mlp.py`; its split 50000 / 10000 / 10000):', '',
-            '| settings | our test % | data s | compile s | train s | total | device | BLAS | date | data |',
-            '|---|---|---|---|---|---|---|---|---|---|']
+    rows = (['', 'The MNIST MLP (`python mnist_mlp.py`; its split 50000 / 10000 / 10000):', '']
+            + header(['settings'] + run_column_names()))
     rows += ['| %s | %s' % (', '.join('%s=%s' % (k, json.dumps(r['settings'][k])) for k in MNIST_SETTINGS
                                       if k in r['settings']), run_columns(r)) for r in runs]
     return rows
