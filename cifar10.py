@@ -209,18 +209,18 @@ def flush_cache():
 
 
 def _load_cache(path, key, splits):
-    """The cached mean and ZCA matrix, {'mean': ..., 'zca': ...}, with the whitened rows read
-    straight into the splits' arrays; None if the cache is absent, another's or damaged (a
-    damaged one is removed, so that this run's fit writes a whole one)."""
+    """The whitened rows read straight into the splits' arrays; False if the cache is absent,
+    another's or damaged (a damaged one is removed, so that this run's fit writes a whole one).
+    Its mean and ZCA matrix are kept for reference only: nothing reads them back."""
     if _cache_meta(path).get('key') != key:
-        return None
+        return False
     try:
         for name, rows in splits.items():
             _read_into(os.path.join(path, name + '.npy'), rows)
-        return {n: np.load(os.path.join(path, n + '.npy')) for n in ('mean', 'zca')}
+        return True
     except (OSError, ValueError):
         shutil.rmtree(path, ignore_errors=True)
-        return None
+        return False
 
 
 def _read_into(path, out):
@@ -257,17 +257,16 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     datadir = datadir or default_datadir()
     start = time.time()
     raw = load_raw(datadir)
-    labels = {name: y for name, (X, y) in raw.items()}
     data_fingerprint = fingerprint(raw)
     X = split_rows(raw, dtype)
+    data = Dataset({name: (X[name], y) for name, (pixels, y) in raw.items()}, data_fingerprint)   # X filled below
     if not zca:
         scaled_and_centred(raw, X)
         log and log('data: mean subtracted, no ZCA (%.1f s)' % (time.time() - start))
-        return Dataset({name: (x, labels[name]) for name, x in X.items()}, data_fingerprint)
+        return data
     key = _cache_key(data_fingerprint, epsilon, dtype)
     path = os.path.join(datadir, 'cache', 'cifar10-zca-' + key[:16])
-    cached = _load_cache(path, key, X) if cache else None
-    if cached is None:
+    if not (cache and _load_cache(path, key, X)):
         mean = scaled_and_centred(raw, X)
         log and log('data: fitting the ZCA whitening on the %d training images (once for these data: '
                     'cached for the next runs)' % len(X['L']))
@@ -289,7 +288,7 @@ def load(datadir=None, zca=True, epsilon=ZCA_EPSILON, dtype='float32', cache=Tru
     if others and log:
         log('other ZCA caches in %s (other data, epsilon or dtype; delete them if unused): %s'
             % (os.path.dirname(path), ', '.join(others)))
-    return Dataset({name: (X[name], labels[name]) for name in ('L', 'V', 'T')}, data_fingerprint)
+    return data
 
 
 # ---------------------------------------------------------------- python cifar10.py
