@@ -6,13 +6,17 @@ At import, before numpy or Theano has loaded a BLAS:
   - the OpenBLAS kernels: if any OpenBLAS in the process would pick less than the CPU has,
     OPENBLAS_CORETYPE for all of them (openblas.py);
   - the other Theano flags (floatX, openmp, allow_gc) and thread settings.
-A setting the user made (THEANO_FLAGS, .theanorc, the environment) always wins.  NOTES
+A setting the user made (THEANO_FLAGS, .theanorc, the environment) always wins.
+require_theano_python() (nnet.py calls it first) stops a Python that cannot run Theano with
+one line naming the remedy.  NOTES
 holds one line per decision for the log.  The rest (reusing compiled modules, describing
 the BLAS and the device, the GPU checks) imports Theano when called.
 """
 import configparser
 import ctypes
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -22,6 +26,58 @@ import sys
 
 import gpustack
 import openblas
+
+# ---------------------------------------------------------------- a Python that can run Theano
+
+THEANO_PYTHONS = ((3, 8), (3, 11))      # Theano 1.0.5's last release runs on these
+NUMPY_BEFORE = (1, 24)                  # it uses np.bool, which numpy 1.24 removed
+
+
+def installed_version(package):
+    """The version of an importable package ('' where it has no metadata), None if it is not importable."""
+    if importlib.util.find_spec(package) is None:
+        return None
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return ''
+
+
+def theano_python_problems(python, numpy, theano):
+    """What keeps a Python from running the scripts: python a version tuple, numpy and theano
+    installed_version()'s answers."""
+    problems = []
+    if not THEANO_PYTHONS[0] <= tuple(python[:2]) <= THEANO_PYTHONS[1]:
+        problems.append('Python %d.%d, and Theano 1.0.5 runs on %d.%d-%d.%d' % (tuple(python[:2]) + THEANO_PYTHONS[0]
+                                                                             + THEANO_PYTHONS[1]))
+    if numpy is None:
+        problems.append('no numpy')
+    elif numpy and tuple(int(n) for n in re.findall(r'\d+', numpy)[:2]) >= NUMPY_BEFORE:
+        problems.append('numpy %s, and Theano 1.0.5 needs numpy < %d.%d' % ((numpy,) + NUMPY_BEFORE))
+    if theano is None:
+        problems.append('no Theano')
+    return problems
+
+
+def require_theano_python():
+    """Stop with one line that names the remedy where this Python cannot run Theano: most often a
+    plain `python cifar10_convnet.py` with the host's Python instead of setup.sh's .venv."""
+    problems = theano_python_problems(sys.version_info, installed_version('numpy'), installed_version('theano'))
+    if not problems:
+        return
+    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.venv')
+    venv_python = os.path.join(venv, 'bin', 'python')
+    shown = os.path.relpath(venv_python)
+    command = shlex.join([venv_python if shown.startswith('..') else shown] + getattr(sys, 'orig_argv', sys.argv)[1:])
+    if not os.path.exists(venv_python):
+        remedy = 'run `bash setup.sh` once (it makes .venv, with a Python 3.11 of its own if the host has ' \
+                 'none), then: ' + command
+    elif os.path.abspath(sys.executable).startswith(venv + os.sep):
+        remedy = '`bash setup.sh` installs what .venv lacks'
+    else:
+        remedy = "use the project's own Python, which setup.sh made: " + command
+    sys.exit('error: %s cannot run the scripts (%s): %s' % (sys.executable, '; '.join(problems), remedy))
+
 
 # ---------------------------------------------------------------- Theano's flags, threads, malloc
 

@@ -13,6 +13,8 @@ import time
 
 import machine                                       # first: Theano's flags, the BLAS kernels
 
+machine.require_theano_python()                      # one line with the remedy, not an ImportError
+
 import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402
 import theano.tensor as T                            # noqa: E402

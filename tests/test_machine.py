@@ -135,6 +135,30 @@ def test_theano_flags_fill_in_only_what_the_user_left_unset():
     assert any('openmp stays off' in n for n in notes)
 
 
+@pytest.mark.parametrize('python, numpy, theano, expected', [
+    ((3, 11, 7), '1.23.5', '1.0.5', []),
+    ((3, 8, 0), '', '1.0.5', []),                   # a numpy without metadata is not judged
+    ((3, 12, 1), '1.23.5', '1.0.5', ['Python 3.12, and Theano 1.0.5 runs on 3.8-3.11']),
+    ((3, 7, 9), '1.21.6', '1.0.5', ['Python 3.7, and Theano 1.0.5 runs on 3.8-3.11']),
+    ((3, 11, 2), '1.24.0', '1.0.5', ['numpy 1.24.0, and Theano 1.0.5 needs numpy < 1.24']),
+    ((3, 11, 2), '2.0.0rc1', None, ['numpy 2.0.0rc1, and Theano 1.0.5 needs numpy < 1.24', 'no Theano']),
+    ((3, 13, 0), None, None, ['Python 3.13, and Theano 1.0.5 runs on 3.8-3.11', 'no numpy', 'no Theano']),
+])
+def test_what_keeps_a_python_from_running_theano_is_named(python, numpy, theano, expected):
+    assert machine.theano_python_problems(python, numpy, theano) == expected
+
+
+def test_a_python_without_theano_stops_with_the_remedy_in_one_line(tmp_path):
+    """`python cifar10_convnet.py` with a Python that lacks Theano (here .venv's without its
+    site-packages, -S) gave an ImportError's traceback; run from another folder, as users do."""
+    for script in ('cifar10_convnet.py', 'mnist_mlp.py'):
+        out = subprocess.run([sys.executable, '-S', os.path.join(ROOT, script), '--nepoch=0'], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 1 and out.stdout == '' and out.stderr.count('\n') == 1
+        assert out.stderr.startswith('error: %s cannot run the scripts (no numpy; no Theano): ' % sys.executable)
+        assert 'setup.sh' in out.stderr
+
+
 def test_the_old_gpu_back_ends_flag_stops_with_the_new_one_named(tmp_path):
     """The 2015 post ran device=gpu; Theano 1.0.5 dies at import on it with a traceback."""
     theanorc = tmp_path / 'theanorc'
