@@ -389,7 +389,11 @@ def filled(page, summary, every, images):
 
 def write_page(argv):
     base = driver_defaults(argv)[0]
-    summary, every, done = table(read_records(results_path(base)), base)
+    records = read_records(results_path(base))
+    if not records:     # a mistyped --outdir would otherwise empty the page's tables
+        sys.exit('error: no records in %s: %s left as it is (python sweep.py run writes them)'
+                 % (results_path(base), PAGE))
+    summary, every, done = table(records, base)
     try:
         images = pictures(done) if done else []
     except ImportError:
@@ -405,4 +409,6 @@ def write_page(argv):
 if __name__ == '__main__':
     if len(sys.argv) < 2 or sys.argv[1] not in ('run', 'table'):
         sys.exit(__doc__)
+    import machine      # both run the driver (its settings); a Python that cannot is named here, with this command
+    machine.require_theano_python()
     (run if sys.argv[1] == 'run' else write_page)(sys.argv[2:])

@@ -175,3 +175,14 @@ def test_a_killed_runs_checkpoint_is_found_by_its_settings(tmp_path):
     assert stopped() == [None, None]                            # its run is still going
     checkpoint(gone.pid, W1dim=[64, 5, 5])
     assert stopped() == [None, str(tmp_path / ('cifar10_convnet-20261129-120000-%d.checkpoint.npz' % gone.pid))]
+
+
+def test_table_without_records_leaves_the_page_alone(tmp_path, monkeypatch):
+    """`sweep.py table --outdir=` a folder without records (a typo) emptied RESULTS.md's tables."""
+    page = tmp_path / 'RESULTS.md'
+    page.write_text('head\n%s\nthe table\n%s\ntail\n' % (sweep.TABLE_START, sweep.TABLE_END))
+    monkeypatch.setattr(sweep, 'PAGE', str(page))
+    monkeypatch.setattr(sweep, 'driver_defaults', lambda argv: (dict(BASE, outdir=str(tmp_path)), 'cpu: X'))
+    with pytest.raises(SystemExit, match='no records in .*results.jsonl: .* left as it is'):
+        sweep.write_page([])
+    assert 'the table' in page.read_text()
