@@ -23,6 +23,7 @@ import platform
 import re
 import shlex
 import sys
+import tempfile
 
 import gpustack
 import openblas
@@ -107,6 +108,27 @@ def refuse_old_gpu_back_end(user):
         if value.startswith('gpu'):     # what Theano 1.0.5 refuses
             sys.exit("error: %s=%s (THEANO_FLAGS or .theanorc) is Theano's old GPU back end, removed in "
                      "Theano 1.0: use %s=cuda%s (see the README's GPU section)" % (name, value, name, value[3:]))
+
+
+def can_create(folder):
+    """folder is a writable folder, or could be made as one (its nearest existing ancestor is)."""
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+
+
+def choose_compiledir(environ):
+    """(base_compiledir, note) where Theano's own, ~/.theano, cannot be written (a HOME that is
+    read-only, missing or a file: containers, batch jobs), else (None, None).  Theano would die
+    at import with a traceback; a folder of this user's in the temporary folder serves instead."""
+    home = environ.get('HOME') or os.path.expanduser('~')
+    if can_create(os.path.join(home, '.theano')):
+        return None, None
+    fallback = os.path.join(tempfile.gettempdir(), 'theano-%d' % os.getuid())
+    if not can_create(fallback):
+        return None, None       # Theano's own error then names ~/.theano
+    return fallback, ('base_compiledir=%s (%s/.theano cannot be written; the compiled code is kept '
+                      'there instead, for as long as that folder lasts)' % (fallback, home))
 
 
 def choose_ldflags():
@@ -222,6 +244,11 @@ def set_up(environ=os.environ):
         ldflags, note = choose_ldflags()
         added.append('blas.ldflags=' + ldflags)
         notes.append(note)
+    if not {'base_compiledir', 'compiledir'} & set(user):
+        compiledir, note = choose_compiledir(environ)
+        if compiledir:
+            added.append('base_compiledir=' + compiledir)
+            notes.append(note)
     relocated = relocated_python()
     if relocated and 'gcc.cxxflags' not in user:     # a comma in a flag's value is escaped for Theano
         include, libdir = relocated

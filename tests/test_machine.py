@@ -159,6 +159,26 @@ def test_a_python_without_theano_stops_with_the_remedy_in_one_line(tmp_path):
         assert 'setup.sh' in out.stderr
 
 
+def test_an_unwritable_home_gets_theano_a_compiledir_in_the_temporary_folder(tmp_path, monkeypatch):
+    """Theano 1.0.5 dies at import when ~/.theano cannot be made (a HOME that is a file, read-only or
+    gone: containers, batch jobs); a folder in the temporary folder serves, named in the log."""
+    monkeypatch.setattr(machine.tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    home_file = tmp_path / 'home'
+    home_file.write_text('')
+    assert machine.choose_compiledir({'HOME': str(tmp_path)}) == (None, None)
+    assert machine.choose_compiledir({'HOME': str(tmp_path / 'new' / 'home')}) == (None, None)   # can be made
+    compiledir, note = machine.choose_compiledir({'HOME': str(home_file)})
+    assert compiledir == str(tmp_path / 'tmp' / ('theano-%d' % os.getuid()))
+    assert note.startswith('base_compiledir=%s (%s/.theano cannot be written' % (compiledir, home_file))
+    flags, notes = python('import json, os, machine; print(json.dumps([os.environ["THEANO_FLAGS"], machine.NOTES]))',
+                          HOME=str(home_file), THEANORC='/nonexistent', THEANO_FLAGS='', TMPDIR=str(tmp_path))
+    assert 'base_compiledir=%s/theano-%d' % (tmp_path, os.getuid()) in flags.split(',')
+    assert any(n.startswith('base_compiledir=') for n in notes)
+    flags, notes = python('import json, os, machine; print(json.dumps([os.environ["THEANO_FLAGS"], machine.NOTES]))',
+                          HOME=str(home_file), THEANORC='/nonexistent', THEANO_FLAGS='compiledir=/x')
+    assert 'base_compiledir' not in flags                           # the user's own setting wins
+
+
 def test_the_old_gpu_back_ends_flag_stops_with_the_new_one_named(tmp_path):
     """The 2015 post ran device=gpu; Theano 1.0.5 dies at import on it with a traceback."""
     theanorc = tmp_path / 'theanorc'
