@@ -7,8 +7,8 @@ At import, before numpy or Theano has loaded a BLAS:
     OPENBLAS_CORETYPE for all of them (openblas.py);
   - the other Theano flags (floatX, openmp, allow_gc) and thread settings.
 A setting the user made (THEANO_FLAGS, .theanorc, the environment) always wins.
-require_theano_python() (nnet.py calls it first) stops a Python that cannot run Theano with
-one line naming the remedy.  NOTES
+require_theano_python() and require_compiler() (nnet.py calls them first) stop a Python that
+cannot run Theano, or a machine without g++, with one line naming the remedy.  NOTES
 holds one line per decision for the log.  The rest (reusing compiled modules, describing
 the BLAS and the device, the GPU checks) imports Theano when called.
 """
@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 
@@ -78,6 +79,19 @@ def require_theano_python():
     else:
         remedy = "use the project's own Python, which setup.sh made: " + command
     sys.exit('error: %s cannot run the scripts (%s): %s' % (sys.executable, '; '.join(problems), remedy))
+
+
+def require_compiler():
+    """Stop with one line where Theano has no C++ compiler: it then warns and falls back to Python
+    code, which our ops do not have (the run died at its first minibatch, after loading and compiling)."""
+    cxx = user_flags().get('cxx', 'g++')
+    if cxx and shutil.which(cxx):
+        return
+    if cxx == 'g++':
+        sys.exit('error: no C++ compiler (g++): Theano compiles the scripts\' ops as C++; install it: '
+                 'sudo apt-get install g++ (bash setup.sh does, as root)')
+    sys.exit('error: THEANO_FLAGS or .theanorc set cxx=%s, %s: Theano compiles the scripts\' ops as C++; '
+             'name a compiler there (g++)' % (cxx, 'which is not found' if cxx else 'which turns it off'))
 
 
 # ---------------------------------------------------------------- Theano's flags, threads, malloc

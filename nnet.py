@@ -14,6 +14,7 @@ import time
 import machine                                       # first: Theano's flags, the BLAS kernels
 
 machine.require_theano_python()                      # one line with the remedy, not an ImportError
+machine.require_compiler()                           # not a traceback at the first minibatch
 
 import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402

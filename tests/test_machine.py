@@ -159,6 +159,20 @@ def test_a_python_without_theano_stops_with_the_remedy_in_one_line(tmp_path):
         assert 'setup.sh' in out.stderr
 
 
+def test_no_cpp_compiler_stops_before_any_work_with_the_remedy(tmp_path):
+    """Without g++ Theano warned, fell back to Python code, and the run died at its first minibatch."""
+    for environ, expected in (
+            (dict(THEANO_FLAGS='cxx='), 'error: THEANO_FLAGS or .theanorc set cxx=, which turns it off: '),
+            (dict(THEANO_FLAGS='cxx=/nonexistent/g++'),
+             'error: THEANO_FLAGS or .theanorc set cxx=/nonexistent/g++, which is not found: '),
+            (dict(PATH=str(tmp_path)), "error: no C++ compiler (g++): Theano compiles the scripts' ops as C++; "
+                                       "install it: sudo apt-get install g++ (bash setup.sh does, as root)\n")):
+        out = subprocess.run([sys.executable, 'mnist_mlp.py', '--nepoch=0', '--outdir=%s' % (tmp_path / 'out')],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, THEANORC='/nonexistent', **environ))
+        assert out.returncode == 1 and out.stdout == '' and out.stderr.startswith(expected), out.stderr
+
+
 def test_an_unwritable_home_gets_theano_a_compiledir_in_the_temporary_folder(tmp_path, monkeypatch):
     """Theano 1.0.5 dies at import when ~/.theano cannot be made (a HOME that is a file, read-only or
     gone: containers, batch jobs); a folder in the temporary folder serves, named in the log."""
