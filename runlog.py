@@ -363,12 +363,17 @@ def save_run(record, trainer, settings, outdir, script):
 
 def run_driver(main):
     """A driver's main(), its exit code; Ctrl-C before training (loading, compiling: nothing to
-    save yet) ends it with one line instead of a traceback."""
+    save yet) ends it with one line instead of a traceback, and so does a closed output pipe
+    (`| head` has read its lines; from training on, say() keeps the run going)."""
     try:
         return main()
     except KeyboardInterrupt:
         say('# interrupted before training started: nothing to save')
         return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what Python flushes at exit
+        sys.stderr.write('# the output pipe closed before training started: nothing to save\n')
+        return 128 + signal.SIGPIPE
 
 
 def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_data, quickL=False, resume=None,

@@ -308,6 +308,24 @@ def test_a_stopped_run_writes_its_record_and_parameters(tmp_path, how):
             out / record['params'])
 
 
+def test_an_output_pipe_closed_before_training_ends_the_run_with_one_line(tmp_path):
+    """`python cifar10_convnet.py | head -1`: head leaves after one line, while the data load; the
+    next line printed raised BrokenPipeError, with its traceback."""
+    make_cifar(str(tmp_path), rows=100)
+    proc = subprocess.Popen([sys.executable, 'cifar10_convnet.py', '--W1dim=(2,5,5)', '--H2=8', '--nepoch=1',
+                             '--ZCAwhitening=False', '--datadir=%s' % tmp_path, '--outdir=%s' % (tmp_path / 'runs')],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith('# ')
+        proc.stdout.close()
+        assert proc.wait(timeout=300) == 128 + signal.SIGPIPE
+        assert proc.stderr.read() == '# the output pipe closed before training started: nothing to save\n'
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / 'runs' / 'results.jsonl').exists()
+
+
 def test_a_finished_run_resumed_with_more_epochs_logs_as_one_run(tmp_path):
     make_mnist(str(tmp_path), ntrain=600, ntest=100)
     runs = {}
