@@ -40,10 +40,8 @@ def apply_overrides(namespace, names, argv):
     overridden = set()
     for arg in argv:
         if arg in ('--help', '-h'):
-            print(sys.modules['__main__'].__doc__ or '')
-            for k in names:
-                print('#   --%s=%r' % (k, namespace[k]))
-            print('# device here: %s' % machine.device_description())
+            lines = [sys.modules['__main__'].__doc__ or ''] + ['#   --%s=%r' % (k, namespace[k]) for k in names]
+            say('\n'.join(lines + ['# device here: %s' % machine.device_description()]))    # `| head` too
             sys.exit(0)
         if arg == '--help=json':
             print(json.dumps({'device': machine.device_description(), 'settings': {k: namespace[k] for k in names}}))
@@ -224,8 +222,12 @@ def say(text):
     try:
         print(text, flush=True)
     except OSError:                     # BrokenPipeError, or a terminal gone
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())    # also what Python flushes at exit
+        silence_stdout()
+
+
+def silence_stdout():
+    """stdout to /dev/null from now on: also what Python flushes at exit, which would complain."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class Progress:
@@ -371,7 +373,7 @@ def run_driver(main):
         say('# interrupted before training started: nothing to save')
         return 130
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # what Python flushes at exit
+        silence_stdout()
         sys.stderr.write('# the output pipe closed before training started: nothing to save\n')
         return 128 + signal.SIGPIPE
 

@@ -324,6 +324,10 @@ def test_an_output_pipe_closed_before_training_ends_the_run_with_one_line(tmp_pa
         if proc.poll() is None:
             proc.kill()
     assert not (tmp_path / 'runs' / 'results.jsonl').exists()
+    helped = subprocess.Popen([sys.executable, 'cifar10_convnet.py', '--help'], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    helped.stdout.close()                                   # `--help | head`: gone before the help comes
+    assert helped.wait(timeout=300) == 0 and helped.stderr.read() == ''
 
 
 def test_a_finished_run_resumed_with_more_epochs_logs_as_one_run(tmp_path):
