@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -342,6 +343,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `| head` ends it quietly, as it would any Unix tool
     try:
         main(sys.argv)
     except DataError as e:

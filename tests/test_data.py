@@ -4,6 +4,9 @@ import hashlib
 import io
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 import cifar10
 import mnist
 import nnet
-from conftest import SHARED, make_cifar, make_mnist, write_idx, write_py2_pickle
+from conftest import ROOT, SHARED, make_cifar, make_mnist, write_idx, write_py2_pickle
 
 
 def test_split_sizes_dtypes_and_labels(cifar_dir):
@@ -257,3 +260,12 @@ def test_cifar10_py_takes_one_datadir_and_refuses_the_rest(argv, capsys):
         cifar10.main(['cifar10.py'] + argv)            # before anything is made or downloaded there
     cifar10.main(['cifar10.py', '--help'])
     assert capsys.readouterr().out.startswith('CIFAR-10 for the experiments')
+
+
+def test_cifar10_py_piped_into_head_ends_quietly(tmp_path):
+    """`python cifar10.py | head` printed a BrokenPipeError traceback; now it ends as Unix tools do."""
+    make_cifar(str(tmp_path), rows=100)
+    proc = subprocess.Popen([sys.executable, 'cifar10.py', str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()                 # gone before its first line, as head after its last
+    assert proc.wait(timeout=300) == -signal.SIGPIPE and proc.stderr.read() == ''
