@@ -10,7 +10,7 @@ import pytest
 import gpustack
 import machine
 import openblas
-from conftest import ROOT
+from conftest import ROOT, make_mnist
 
 AVX512_CPU = {'sse2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512dq', 'avx512cd', 'avx512bw', 'avx512vl'}
 AVX2_CPU = {'sse2', 'avx', 'avx2', 'fma'}
@@ -161,15 +161,17 @@ def test_a_python_without_theano_stops_with_the_remedy_in_one_line(tmp_path):
 
 def test_no_cpp_compiler_stops_before_any_work_with_the_remedy(tmp_path):
     """Without g++ Theano warned, fell back to Python code, and the run died at its first minibatch."""
+    make_mnist(str(tmp_path), ntrain=600, ntest=100)    # never a download, whatever happens
     for environ, expected in (
             (dict(THEANO_FLAGS='cxx='), 'error: THEANO_FLAGS or .theanorc set cxx=, which turns it off: '),
             (dict(THEANO_FLAGS='cxx=/nonexistent/g++'),
              'error: THEANO_FLAGS or .theanorc set cxx=/nonexistent/g++, which is not found: '),
-            (dict(PATH=str(tmp_path)), "error: no C++ compiler (g++): Theano compiles the scripts' ops as C++; "
-                                       "install it: sudo apt-get install g++ (bash setup.sh does, as root)\n")):
-        out = subprocess.run([sys.executable, 'mnist_mlp.py', '--nepoch=0', '--outdir=%s' % (tmp_path / 'out')],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, THEANORC='/nonexistent', **environ))
+            (dict(PATH=str(tmp_path), THEANO_FLAGS=''),     # no g++ on the PATH, none named
+             "error: no C++ compiler (g++): Theano compiles the scripts' ops as C++; "
+             "install it: sudo apt-get install g++ (bash setup.sh does, as root)\n")):
+        out = subprocess.run([sys.executable, 'mnist_mlp.py', '--nepoch=0', '--datadir=%s' % tmp_path,
+                              '--outdir=%s' % (tmp_path / 'out')], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300, env=dict(os.environ, THEANORC='/nonexistent', **environ))
         assert out.returncode == 1 and out.stdout == '' and out.stderr.startswith(expected), out.stderr
 
 
