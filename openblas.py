@@ -131,10 +131,11 @@ def probe(libraries):
 def loaded():
     """{path: (version, core)} of every OpenBLAS this process has loaded, as they answer now."""
     try:
-        with open('/proc/self/maps') as f:
-            paths = sorted(set(re.findall(r'(/\S*libopenblas[^/\s]*\.so[^/\s]*)$', f.read(), re.M)))
+        with open('/proc/self/maps') as f:     # address, perms, offset, device, inode, then the path (spaces and all)
+            mapped = [line.rstrip('\n').split(None, 5)[5] for line in f if len(line.split(None, 5)) == 6]
     except OSError:
         return {}
+    paths = sorted({path for path in mapped if re.search(r'/libopenblas[^/]*\.so[^/]*$', path)})
     return {path: answers(ctypes.CDLL(path)) for path in paths}
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -259,6 +260,16 @@ def test_the_log_line_names_each_loaded_openblas_with_its_kernels():
                           'print(json.dumps([machine.blas_description(), {openblas.library_label(p): v + " " + core '
                           'for p, (v, core) in openblas.loaded().items()}]))')
     assert "numpy's" in chosen and "numpy's %s" % chosen["numpy's"] in line
+
+
+def test_an_openblas_in_a_folder_with_a_space_is_found_and_asked(tmp_path):
+    """A checkout in "My Projects/": the log line cut the path at the space and died loading the rest."""
+    wheels = openblas.in_wheel('numpy')
+    folder = tmp_path / 'My Projects' / 'numpy.libs'
+    shutil.copytree(os.path.dirname(wheels), folder)          # with the libgfortran it needs
+    copy = folder / os.path.basename(wheels)
+    found = python('import json, openblas; openblas.load(%r); print(json.dumps(openblas.loaded()))' % str(copy))
+    assert found[str(copy)][0] == openblas.probe({'copy': str(copy)})['copy'][0]
 
 
 def test_memory_used_names_the_gpus_memory_in_use_on_the_gpu(monkeypatch):
