@@ -145,6 +145,22 @@ def choose_compiledir(environ):
                       'there instead, for as long as that folder lasts)' % (fallback, home))
 
 
+def without_spaces(path):
+    """path, or a link to it whose path has no whitespace: Theano splits blas.ldflags and
+    gcc.cxxflags at spaces, quotes or not, so a checkout in "My Projects/" lost its -L and -I
+    folders.  The links live in the temporary folder and are made again when it is cleaned."""
+    link = os.path.join(tempfile.gettempdir(), 'theano-paths-%d' % os.getuid(),
+                        hashlib.sha1(path.encode()).hexdigest()[:16])
+    if not re.search(r'\s', path) or re.search(r'\s', link):
+        return path
+    if os.path.realpath(link) != os.path.realpath(path):
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        made = '%s.%d' % (link, os.getpid())
+        os.symlink(path, made)
+        os.replace(made, link)          # whole, also for runs started side by side
+    return link
+
+
 def choose_ldflags():
     """(blas.ldflags, note): the system OpenBLAS, else scipy's wheel's, else the numpy fallback."""
     system = openblas.linkable()
@@ -154,7 +170,7 @@ def choose_ldflags():
     if wheel:
         openblas.load(wheel)     # so that Theano's compiled modules find it by its soname
         name = os.path.basename(wheel)[3:-3]
-        return ('-L%s -l%s' % (os.path.dirname(wheel), name),
+        return ('-L%s -l%s' % (without_spaces(os.path.dirname(wheel)), name),
                 "blas.ldflags: scipy's OpenBLAS (%s; no system libopenblas-dev)" % wheel)
     return '', ('WARNING: no OpenBLAS found, Theano uses its slow numpy fallback for BLAS: '
                 'pip install scipy, or apt-get install libopenblas-dev, or set blas.ldflags')
@@ -265,10 +281,10 @@ def set_up(environ=os.environ):
             notes.append(note)
     relocated = relocated_python()
     if relocated and 'gcc.cxxflags' not in user:     # a comma in a flag's value is escaped for Theano
-        include, libdir = relocated
+        include, libdir = map(without_spaces, relocated)
         added.append('gcc.cxxflags=-I%s -L%s -Wl\\,-rpath\\,%s' % (include, libdir, libdir))
         notes.append('gcc.cxxflags: -I %s, -L and -rpath %s (this Python lives in %s, not where it '
-                     'was built to live)' % (include, libdir, sys.base_prefix))
+                     'was built to live)' % (relocated + (sys.base_prefix,)))
     gpu = gpustack.folder()
     if gpu and user.get('device', '').startswith('cuda'):
         gpustack.restart_with_cuda_libraries(gpu, environ)

@@ -94,7 +94,8 @@ def test_without_a_system_openblas_theano_links_scipys_and_computes_right():
             'err = float(abs(f(x, x.T) - x.astype("f8") @ x.T.astype("f8")).max()); '
             'print(json.dumps([theano.config.blas.ldflags, ops, err, notes]))')
     ldflags, ops, err, notes = python(code, THEANO_FLAGS='', THEANORC='/nonexistent', LIBRARY_PATH='')
-    assert 'scipy.libs' in ldflags and ops == ['Dot22'] and err < 1e-3
+    assert os.path.realpath(ldflags.split()[0][2:]).endswith('/scipy.libs')     # a link where the path has spaces
+    assert ops == ['Dot22'] and err < 1e-3
     assert any("scipy's OpenBLAS" in n for n in notes)
 
 
@@ -194,6 +195,20 @@ def test_an_unwritable_home_gets_theano_a_compiledir_in_the_temporary_folder(tmp
     flags, notes = python('import json, os, machine; print(json.dumps([os.environ["THEANO_FLAGS"], machine.NOTES]))',
                           HOME=str(home_file), THEANORC='/nonexistent', THEANO_FLAGS='compiledir=/x')
     assert 'base_compiledir' not in flags                           # the user's own setting wins
+
+
+def test_folders_with_spaces_reach_theanos_flags_through_links(tmp_path, monkeypatch):
+    """Theano splits blas.ldflags and gcc.cxxflags at spaces: "My Projects/" lost its folders."""
+    monkeypatch.setattr(machine.tempfile, 'tempdir', str(tmp_path / 'tmp'))
+    folder = tmp_path / 'My Projects' / 'lib'
+    folder.mkdir(parents=True)
+    link = machine.without_spaces(str(folder))
+    assert ' ' not in link and os.path.realpath(link) == os.path.realpath(folder)
+    assert machine.without_spaces(str(folder)) == link                  # the same link again
+    other = tmp_path / 'Other Projects'
+    other.mkdir()
+    assert os.path.realpath(machine.without_spaces(str(other))) == os.path.realpath(other)
+    assert machine.without_spaces(str(tmp_path)) == str(tmp_path)       # no spaces: as it is
 
 
 def test_the_old_gpu_back_ends_flag_stops_with_the_new_one_named(tmp_path):
