@@ -70,7 +70,8 @@ private_python() {   # prints the path of the private python3.11, fetching it fi
       echo "setup.sh: this host has no Python 3.8-3.11 (Theano 1.0.5 does not run on 3.12+), and no Debian" >&2
       echo "  archive to fetch Debian 12's python3.11 from.  Install Python 3.11 with its headers and venv" >&2
       echo "  (e.g. apt-get install python3.11-dev python3.11-venv) and run again, or set PYTHON=/path/to/python3.11;" >&2
-      echo "  on a Debian-like host without Debian sources, set DEBIAN_MIRROR to a Debian archive URL." >&2
+      echo "  on Ubuntu or another host without Debian's sources: sudo apt-get install debian-archive-keyring," >&2
+      echo "  then DEBIAN_MIRROR=http://deb.debian.org/debian bash setup.sh" >&2
       exit 1
     fi
     rm -rf "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/libs-all" && mkdir -p "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/libs-all"
@@ -91,7 +92,8 @@ gpu_stack() {   # Debian 12's pygpu/libgpuarray 0.7.6 into .venv: the package, a
   echo "setup.sh --gpu: fetching Debian 12's pygpu and libgpuarray 0.7.6 into .venv" >&2
   if ! bookworm_download "${GPU_DEBS[@]}"; then
     echo "setup.sh --gpu: no Debian archive to fetch python3-pygpu, libgpuarray3 and libgpuarray-dev 0.7.6 from;" >&2
-    echo "  set DEBIAN_MIRROR to a Debian archive URL, or install pygpu 0.7.x into .venv by hand." >&2
+    echo "  on Ubuntu: sudo apt-get install debian-archive-keyring, then DEBIAN_MIRROR=http://deb.debian.org/debian;" >&2
+    echo "  or install pygpu 0.7.x into .venv by hand." >&2
     exit 1
   fi
   local site unpacked=.venv/gpu.tmp
