@@ -429,7 +429,7 @@ def require_gpu_if_asked(gpu_ops=None):
             import pygpu  # noqa: F401
             cause = 'the GPU did not initialise (see the ERROR line above: driver, libcuda, nvrtc)'
         except ImportError as e:
-            cause = 'pygpu is not installed (%s): install libgpuarray/pygpu, see the README' % e
+            cause = 'pygpu is not installed (%s): bash setup.sh --gpu installs it and libgpuarray' % e
     elif gpu_ops is not None and not gpu_ops:
         cause = 'the compiled training function has no GPU op'
     else:
