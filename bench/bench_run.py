@@ -100,6 +100,7 @@ def main(argv):
     if opts['twin']:
         return twin(opts['twin'], nepoch, datadir)
     configs, repeats = opts['configs'], opts['repeats']
+    machine.require_theano_python()     # the driver's side runs in this Python
     print('# %s' % machine.device_description())
     print('# seconds per logged epoch (training pass + evaluation of L and V), epochs 1-%d, best of %d '
           'alternating processes a side' % (nepoch, repeats))
