@@ -462,6 +462,12 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         status = 'diverged'
         progress.clear()
         say('# stopped: %s' % e)
+    except Exception:                       # its traceback follows; the checkpoint is what survives
+        progress.clear()
+        if checkpoint and os.path.exists(checkpoint):
+            say('# failed in epoch %d (the error below); to go on from its last logged row: python %s.py '
+                '--resume=%s' % (epoch, script, checkpoint))
+        raise
     trainer.progress = None
     # in a training epoch, as far as its pass went; in epoch 0 or the test pass, nothing trained
     record['position'] = position(epoch, trainer.trained) if 0 < epoch <= nepoch else position(epoch)

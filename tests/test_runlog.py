@@ -248,8 +248,9 @@ def test_resume_takes_the_stopped_runs_settings_and_refuses_what_cannot_go_on(tm
             resume()
 
 
-def test_a_run_killed_outright_goes_on_from_its_last_logged_row(tmp_path, monkeypatch):
-    """No record, no saved file: only the checkpoint written at each logged row survives."""
+def test_a_run_killed_outright_goes_on_from_its_last_logged_row(tmp_path, monkeypatch, capsys):
+    """No record, no saved file: only the checkpoint written at each logged row survives (an error
+    in training leaves the same, and the log's last line says how to go on)."""
     def run(folder, **resume):
         return runlog.train_and_log(small_trainer(), 4, 'test', {'eta': 0.1}, {}, str(tmp_path / folder), 0, 1.0,
                                     data_fingerprint='f', **resume)
@@ -262,11 +263,15 @@ def test_a_run_killed_outright_goes_on_from_its_last_logged_row(tmp_path, monkey
             if (self.epoch, done) == (4, 2) and what.startswith('epoch'):
                 raise SystemError('power cut')          # nothing after this runs
     monkeypatch.setattr(runlog, 'Progress', PowerCut)
+    capsys.readouterr()
     with pytest.raises(SystemError):
         run('killed')
     monkeypatch.undo()
     assert not (tmp_path / 'killed' / 'results.jsonl').exists()
     checkpoint, = (tmp_path / 'killed').glob('*.checkpoint.npz')
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        '# failed in epoch 4 (the error below); to go on from its last logged row: python test.py --resume=%s'
+        % checkpoint)
     with np.load(checkpoint) as f:
         assert json.loads(str(f['settings']))['position']['epoch'] == 4      # after the row of epoch 3
     assert run('resumed', resume=str(checkpoint)) == 0
