@@ -149,9 +149,11 @@ def without_spaces(path):
     """path, or a link to it whose path has no whitespace: Theano splits blas.ldflags and
     gcc.cxxflags at spaces, quotes or not, so a checkout in "My Projects/" lost its -L and -I
     folders.  The links live in the temporary folder and are made again when it is cleaned."""
+    if not re.search(r'\s', path):
+        return path
     link = os.path.join(tempfile.gettempdir(), 'theano-paths-%d' % os.getuid(),
                         hashlib.sha1(path.encode()).hexdigest()[:16])
-    if not re.search(r'\s', path) or re.search(r'\s', link):
+    if re.search(r'\s', link):         # a temporary folder with spaces: nothing to be done
         return path
     if os.path.realpath(link) != os.path.realpath(path):
         os.makedirs(os.path.dirname(link), exist_ok=True)

@@ -132,10 +132,10 @@ def loaded():
     """{path: (version, core)} of every OpenBLAS this process has loaded, as they answer now."""
     try:
         with open('/proc/self/maps') as f:     # address, perms, offset, device, inode, then the path (spaces and all)
-            mapped = [line.rstrip('\n').split(None, 5)[5] for line in f if len(line.split(None, 5)) == 6]
+            fields = [line.rstrip('\n').split(None, 5) for line in f]
     except OSError:
         return {}
-    paths = sorted({path for path in mapped if re.search(r'/libopenblas[^/]*\.so[^/]*$', path)})
+    paths = sorted({f[5] for f in fields if len(f) == 6 and re.search(r'/libopenblas[^/]*\.so[^/]*$', f[5])})
     return {path: answers(ctypes.CDLL(path)) for path in paths}
 
 
