@@ -9,8 +9,8 @@ At import, before numpy or Theano has loaded a BLAS:
 A setting the user made (THEANO_FLAGS, .theanorc, the environment) always wins.
 require_theano_python() and require_compiler() (nnet.py calls them first) stop a Python that
 cannot run Theano, or a machine without g++, with one line naming the remedy.  NOTES
-holds one line per decision for the log.  The rest (reusing compiled modules, describing
-the BLAS and the device, the GPU checks) imports Theano when called.
+holds one line per decision for the log.  The rest (compiling C modules on every core and
+reusing them, describing the BLAS and the device, the GPU checks) imports Theano when called.
 """
 import configparser
 import ctypes
@@ -362,6 +362,114 @@ def reuse_compiled_modules():
         if op_class.__dict__.get('__props__') == ():
             op_class.__props__ = ('__class__',)
     theano.gof.COp.c_code_cache_version = _stable_cop_version
+
+
+_compiling = {}     # what g++ is given for a module -> Future: the scratch folder it filled, or None
+
+
+def _compile_arguments(linker):
+    """What CLinker.compile_cmodule hands g++ for linker's module: the same for the same module."""
+    module = linker.get_dynamic_module()
+    src_code = module.code()                                # sets code_hash
+    return dict(module_name=module.code_hash, src_code=src_code, include_dirs=linker.header_dirs(),
+                lib_dirs=linker.lib_dirs(), libs=linker.libraries(), preargs=linker.compile_args())
+
+
+def _identity(arguments):
+    return hashlib.sha256(repr(sorted(arguments.items())).encode()).hexdigest()
+
+
+def _compile_apart(compiler, arguments):
+    """g++ for one module into a scratch folder of its own; None if that failed (Theano's
+    own call then compiles it again and reports the error as usual)."""
+    folder = tempfile.mkdtemp(prefix='theano-ahead-')
+    try:
+        compiler.compile_str(location=folder, py_module=False, **arguments)
+        return folder
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
+def _modules_to_compile(nodes):
+    """(identity, compiler, g++'s arguments) of each module that making the thunks of nodes
+    will compile: one per node with C code whose key the compile cache lacks, as Op.make_thunk
+    would build it (a node that does not fit that mould is left to Theano)."""
+    from theano.gof import FunctionGraph, Op
+    from theano.gof.cc import CLinker, get_module_cache
+    from theano.gof.cmodule import get_module_hash
+    cache = get_module_cache()
+    for node in nodes:
+        op = node.op
+        if type(op).make_thunk is not Op.make_thunk:          # scan, ifelse: thunks of their own
+            continue
+        if not getattr(op, '_f16_ok', False) and any(
+                getattr(v.type, 'dtype', '') == 'float16' for v in node.inputs + node.outputs):
+            continue
+        try:
+            op.prepare_node(node, storage_map=None, compute_map=None, impl='c')
+            linker = CLinker().accept(FunctionGraph(node.inputs, node.outputs), no_recycling=[])
+            key = linker.cmodule_key()
+            if key is None or key in cache.entry_from_key:
+                continue
+            arguments = _compile_arguments(linker)
+            if get_module_hash(arguments['src_code'], key) in cache.module_hash_to_key_data:
+                continue
+        except Exception:                   # no C code, no key: Theano decides, as before
+            continue
+        yield _identity(arguments), linker.c_compiler(), arguments
+
+
+def compile_in_parallel():
+    """Run the g++ of a Theano function's new C modules on every core at once.
+
+    Theano 1.0.5 compiles a function's modules one g++ at a time while it makes the thunks
+    (0.5-1 s each: the default run's 32 took 23 s on a 2-core EPYC with an empty cache, 13 s
+    with this).  Before it does, this works out which modules its thunks will ask for and
+    runs their g++ in threads, each into a scratch folder; Theano's own compile of such a
+    module (under its cache lock, as before) then moves the finished files into the cache
+    folder and loads them instead of running g++.  Modules in the cache cost one key lookup.
+    Called once Theano is imported.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from theano.gof import vm
+    from theano.gof.cc import CLinker
+    from theano.gof.cmodule import dlimport, get_lib_extension
+    if getattr(vm.VM_Linker.make_all, 'compiles_in_parallel', False):
+        return
+    pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix='g++')
+    make_all, compile_cmodule = vm.VM_Linker.make_all, CLinker.compile_cmodule
+
+    def make_all_compiling_ahead(self, *args, **kwargs):
+        started = []
+        if self.c_thunks is not False:
+            for identity, compiler, arguments in _modules_to_compile(self.fgraph.toposort()):
+                if identity not in _compiling:
+                    _compiling[identity] = pool.submit(_compile_apart, compiler, arguments)
+                    started.append(identity)
+        try:
+            return make_all(self, *args, **kwargs)
+        finally:                            # modules no thunk asked for; the rest, on Ctrl-C
+            for identity in started:
+                future = _compiling.pop(identity, None)
+                if future and not future.cancel() and future.result():
+                    shutil.rmtree(future.result(), ignore_errors=True)
+
+    def compile_cmodule_compiled_ahead(self, location=None):
+        future = _compiling.pop(_identity(_compile_arguments(self)), None) if location else None
+        folder = future.result() if future else None
+        if not folder:
+            return compile_cmodule(self, location)
+        for name in os.listdir(folder):
+            shutil.move(os.path.join(folder, name), location)
+        os.rmdir(folder)
+        open(os.path.join(location, '__init__.py'), 'w').close()      # as compile_str leaves it
+        return dlimport(os.path.join(location, '%s.%s' % (self.get_dynamic_module().code_hash,
+                                                          get_lib_extension())))
+
+    make_all_compiling_ahead.compiles_in_parallel = True
+    vm.VM_Linker.make_all = make_all_compiling_ahead
+    CLinker.compile_cmodule = compile_cmodule_compiled_ahead
 
 
 # ---------------------------------------------------------------- describing what runs

@@ -24,6 +24,7 @@ import cpublas                                       # noqa: E402  (also registe
 import cpuops                                        # noqa: E402
 
 machine.reuse_compiled_modules()
+machine.compile_in_parallel()
 floatX = theano.config.floatX
 
 

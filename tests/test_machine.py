@@ -269,6 +269,94 @@ def test_a_second_process_compiles_no_c_code_for_the_same_network():
     assert python(code) == []
 
 
+def doubled_op(nonce, broken=False):
+    """An op computing 2 x in C whose source carries nonce: a module no compile cache holds yet."""
+    import theano
+    import theano.tensor as T
+
+    global Doubled                                  # module-level: the cache pickles the op
+
+    class Doubled(theano.gof.Op):
+        __props__ = ('nonce', 'broken')
+
+        def __init__(self, nonce, broken):
+            self.nonce, self.broken = nonce, broken
+
+        def make_node(self, x):
+            x = T.as_tensor_variable(x)
+            return theano.Apply(self, [x], [x.type()])
+
+        def c_code_cache_version(self):
+            return (1,)
+
+        def c_code(self, node, name, inputs, outputs, sub):
+            z = outputs[0]
+            return """/* %d */ %s
+            Py_XDECREF(%s); %s = (PyArrayObject*)PyArray_NewCopy(%s, NPY_CORDER); if (!%s) %s
+            for (npy_intp i = 0; i < PyArray_SIZE(%s); ++i) ((npy_float32*)PyArray_DATA(%s))[i] *= 2;
+            """ % (self.nonce, 'no C++ at all' if self.broken else '', z, z, inputs[0], z, sub['fail'], z, z)
+    return Doubled(nonce, broken)
+
+
+@pytest.fixture
+def g_plus_plus_runs(monkeypatch, tmp_path):
+    """Each g++ run of Theano's compiler as (its folder, whether Theano loads the module itself);
+    the scratch folders of the modules compiled ahead go to tmp_path."""
+    import nnet  # noqa: F401  (machine.compile_in_parallel, as every driver has it)
+    import tempfile
+    from theano.gof import cmodule
+    runs, compile_str = [], cmodule.GCC_compiler.compile_str
+    monkeypatch.setattr(cmodule.GCC_compiler, 'compile_str', staticmethod(
+        lambda *a, **k: runs.append((k['location'], k.get('py_module', True))) or compile_str(*a, **k)))
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+    return runs
+
+
+def test_new_c_modules_are_compiled_all_at_once_before_theano_loads_them(g_plus_plus_runs, tmp_path):
+    """Theano ran g++ for a function's modules one after the other (23 s of the default run's
+    first start on 2 cores); they now run in threads, into scratch folders that Theano's cache takes."""
+    import numpy as np
+    import theano
+    import theano.tensor as T
+    x, nonce = T.fvector(), np.random.randint(2 ** 62)
+    f = theano.function([x], doubled_op(nonce)(doubled_op(nonce + 1)(x)))
+    assert f(np.array([1, 2], 'float32')).tolist() == [4, 8]
+    assert [(os.path.dirname(folder), loads) for folder, loads in g_plus_plus_runs] == [(str(tmp_path), False)] * 2
+    assert list(tmp_path.iterdir()) == []                  # moved into the cache
+    runs = len(g_plus_plus_runs)
+    theano.function([x], doubled_op(nonce)(x))             # the cache has it now
+    assert len(g_plus_plus_runs) == runs
+
+
+def test_a_module_that_fails_ahead_is_compiled_and_reported_by_theano_as_before(g_plus_plus_runs, tmp_path):
+    import numpy as np
+    import theano
+    import theano.tensor as T
+    x = T.fvector()
+    with pytest.raises(Exception, match='Compilation failed'):
+        theano.function([x], doubled_op(np.random.randint(2 ** 62), broken=True)(x))
+    assert [loads for folder, loads in g_plus_plus_runs] == [False, True]
+    assert not list(tmp_path.glob('theano-ahead-*'))        # (g++'s report is there twice: rare enough)
+
+
+def test_modules_compiled_ahead_that_no_thunk_asks_for_leave_nothing_behind(g_plus_plus_runs, tmp_path,
+                                                                             monkeypatch):
+    import numpy as np
+    import theano
+    import theano.tensor as T
+    modules_to_compile = machine._modules_to_compile
+
+    def and_one_more(nodes):
+        for identity, compiler, arguments in modules_to_compile(nodes):
+            yield identity, compiler, arguments
+            yield 'no thunk asks for this', compiler, arguments
+    monkeypatch.setattr(machine, '_modules_to_compile', and_one_more)
+    x = T.fvector()
+    theano.function([x], doubled_op(np.random.randint(2 ** 62))(x))
+    assert len(g_plus_plus_runs) == 2
+    assert list(tmp_path.iterdir()) == [] and machine._compiling == {}
+
+
 @pytest.mark.skipif(openblas.in_wheel('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
 def test_the_log_line_names_each_loaded_openblas_with_its_kernels():
     line, chosen = python('import json, machine, openblas, numpy; numpy.ones(3).dot(numpy.ones(3)); '
