@@ -415,8 +415,8 @@ def _modules_to_compile(nodes):
             arguments = _compile_arguments(linker)
             if get_module_hash(arguments['src_code'], key) in cache.module_hash_to_key_data:
                 continue
-        except Exception:                   # no C code, no key: Theano decides, as before
-            continue
+        except Exception:                   # no C code, no key, a prepare_node that wants the
+            continue                        # storage map (Pool's old interface): Theano decides
         yield _identity(arguments), linker.c_compiler(), arguments
 
 

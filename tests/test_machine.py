@@ -269,7 +269,7 @@ def test_a_second_process_compiles_no_c_code_for_the_same_network():
     assert python(code) == []
 
 
-def doubled_op(nonce, broken=False):
+def doubled_op(nonce, broken=False, old_style=False):
     """An op computing 2 x in C whose source carries nonce: a module no compile cache holds yet."""
     import theano
     import theano.tensor as T
@@ -295,7 +295,17 @@ def doubled_op(nonce, broken=False):
             Py_XDECREF(%s); %s = (PyArrayObject*)PyArray_NewCopy(%s, NPY_CORDER); if (!%s) %s
             for (npy_intp i = 0; i < PyArray_SIZE(%s); ++i) ((npy_float32*)PyArray_DATA(%s))[i] *= 2;
             """ % (self.nonce, 'no C++ at all' if self.broken else '', z, z, inputs[0], z, sub['fail'], z, z)
-    return Doubled(nonce, broken)
+
+    global DoubledOldStyle
+
+    class DoubledOldStyle(Doubled):
+        """As Theano's Pool from an old pickle: prepare_node adds an input and its storage."""
+        def prepare_node(self, node, storage_map, compute_map, impl):
+            if len(node.inputs) == 1:
+                node.inputs.append(T.constant(2.0))
+                storage_map[node.inputs[1]] = [node.inputs[1].data]
+                compute_map[node.inputs[1]] = [True]
+    return (DoubledOldStyle if old_style else Doubled)(nonce, broken)
 
 
 @pytest.fixture
@@ -337,6 +347,16 @@ def test_a_module_that_fails_ahead_is_compiled_and_reported_by_theano_as_before(
         theano.function([x], doubled_op(np.random.randint(2 ** 62), broken=True)(x))
     assert [loads for folder, loads in g_plus_plus_runs] == [False, True]
     assert not list(tmp_path.glob('theano-ahead-*'))        # (g++'s report is there twice: rare enough)
+
+
+def test_a_node_that_prepares_only_with_theanos_storage_map_is_compiled_by_theano(g_plus_plus_runs):
+    import numpy as np
+    import theano
+    import theano.tensor as T
+    x = T.fvector()
+    f = theano.function([x], doubled_op(np.random.randint(2 ** 62), old_style=True)(x))
+    assert f(np.array([1, 2], 'float32')).tolist() == [2, 4]
+    assert [loads for folder, loads in g_plus_plus_runs] == [True]          # Theano compiled it
 
 
 def test_modules_compiled_ahead_that_no_thunk_asks_for_leave_nothing_behind(g_plus_plus_runs, tmp_path,
