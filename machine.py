@@ -442,23 +442,25 @@ def compile_in_parallel():
 
     def make_all_compiling_ahead(self, *args, **kwargs):
         started = []
-        if self.c_thunks is not False:
-            for identity, compiler, arguments in _modules_to_compile(self.fgraph.toposort()):
-                if identity not in _compiling:
-                    _compiling[identity] = pool.submit(_compile_apart, compiler, arguments)
-                    started.append(identity)
         try:
+            if self.c_thunks is not False:
+                for identity, compiler, arguments in _modules_to_compile(self.fgraph.toposort()):
+                    if identity not in _compiling:
+                        _compiling[identity] = pool.submit(_compile_apart, compiler, arguments)
+                        started.append(identity)
             return make_all(self, *args, **kwargs)
-        finally:                            # modules no thunk asked for; the rest, on Ctrl-C
-            for identity in started:
-                future = _compiling.pop(identity, None)
-                if future and not future.cancel() and future.result():
+        finally:                            # modules no thunk took; on Ctrl-C, g++ not yet started
+            futures = [_compiling.pop(identity) for identity in started]
+            for future in futures:          # all first: the workers would start the next meanwhile
+                future.cancel()
+            for future in futures:
+                if not future.cancelled() and future.result():
                     shutil.rmtree(future.result(), ignore_errors=True)
 
     def compile_cmodule_compiled_ahead(self, location=None):
-        future = _compiling.pop(_identity(_compile_arguments(self)), None) if location else None
+        future = _compiling.get(_identity(_compile_arguments(self))) if location else None
         folder = future.result() if future else None
-        if not folder:
+        if not (folder and os.path.isdir(folder)):
             return compile_cmodule(self, location)
         for name in os.listdir(folder):
             shutil.move(os.path.join(folder, name), location)

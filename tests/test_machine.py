@@ -377,6 +377,27 @@ def test_modules_compiled_ahead_that_no_thunk_asks_for_leave_nothing_behind(g_pl
     assert list(tmp_path.iterdir()) == [] and machine._compiling == {}
 
 
+def test_ctrl_c_while_compiling_starts_no_more_g_plus_plus_and_leaves_nothing_behind(g_plus_plus_runs, tmp_path,
+                                                                                  monkeypatch):
+    """The first version went on with every queued g++ (5-8 s after Ctrl-C, a folder left)."""
+    import numpy as np
+    import theano
+    import theano.tensor as T
+    modules_to_compile, workers = machine._modules_to_compile, len(os.sched_getaffinity(0))
+
+    def then_ctrl_c(nodes):
+        for identity, compiler, arguments in modules_to_compile(nodes):
+            for copy in range(workers + 4):
+                yield '%s %d' % (identity, copy), compiler, arguments
+        raise KeyboardInterrupt
+    monkeypatch.setattr(machine, '_modules_to_compile', then_ctrl_c)
+    x = T.fvector()
+    with pytest.raises(KeyboardInterrupt):
+        theano.function([x], doubled_op(np.random.randint(2 ** 62))(x))
+    assert len(g_plus_plus_runs) <= workers
+    assert list(tmp_path.iterdir()) == [] and machine._compiling == {}
+
+
 @pytest.mark.skipif(openblas.in_wheel('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
 def test_the_log_line_names_each_loaded_openblas_with_its_kernels():
     line, chosen = python('import json, machine, openblas, numpy; numpy.ones(3).dot(numpy.ones(3)); '
