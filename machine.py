@@ -382,12 +382,14 @@ def _identity(arguments):
 def _compile_apart(compiler, arguments):
     """g++ for one module into a scratch folder of its own; None if that failed (Theano's
     own call then compiles it again and reports the error as usual)."""
-    folder = tempfile.mkdtemp(prefix='theano-ahead-')
+    folder = None
     try:
+        folder = tempfile.mkdtemp(prefix='theano-ahead-')
         compiler.compile_str(location=folder, py_module=False, **arguments)
         return folder
-    except Exception:
-        shutil.rmtree(folder, ignore_errors=True)
+    except Exception:                       # g++'s error, or no room in the temporary folder
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
         return None
 
 

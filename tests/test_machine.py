@@ -359,6 +359,25 @@ def test_a_node_that_prepares_only_with_theanos_storage_map_is_compiled_by_thean
     assert [loads for folder, loads in g_plus_plus_runs] == [True]          # Theano compiled it
 
 
+def test_without_a_temporary_folder_theano_compiles_as_before(g_plus_plus_runs, monkeypatch):
+    import numpy as np
+    import theano
+    import theano.tensor as T
+    import tempfile
+
+    mkdtemp = tempfile.mkdtemp
+
+    def none_for_scratch(prefix=None, **kwargs):       # Theano's own folders still come
+        if prefix == 'theano-ahead-':
+            raise OSError(28, 'No space left on device')
+        return mkdtemp(prefix=prefix, **kwargs)
+    monkeypatch.setattr(tempfile, 'mkdtemp', none_for_scratch)
+    x = T.fvector()
+    f = theano.function([x], doubled_op(np.random.randint(2 ** 62))(x))
+    assert f(np.array([1, 2], 'float32')).tolist() == [2, 4]
+    assert [loads for folder, loads in g_plus_plus_runs] == [True]
+
+
 def test_modules_compiled_ahead_that_no_thunk_asks_for_leave_nothing_behind(g_plus_plus_runs, tmp_path,
                                                                              monkeypatch):
     import numpy as np
