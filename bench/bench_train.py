@@ -47,10 +47,10 @@ BATCH, K, WSTD = 100, 10, 0.01
 EVAL_ROWS = 500     # the driver's evaluation minibatches (nnet.EVAL_ROWS; this module imports no Theano)
 
 
-def theano_step(config, X, y, batches, conv):
+def theano_trainer(config, X, y, conv):
+    """The configuration's network and its compiled nnet.Trainer, as its driver builds them."""
     import convnet
     import nnet
-    import runlog
     setup = CONFIGS[config]
     rng = np.random.RandomState(0)
     if setup.convpool:
@@ -58,8 +58,13 @@ def theano_step(config, X, y, batches, conv):
         net = convnet.CNN(rng, setup.xdim, [(F, (5, 5), ds, st)], setup.hidden, K, conv=conv)
     else:
         net = nnet.MLP(rng, setup.xdim[0], setup.hidden, K, WSTD)
-    trainer = nnet.Trainer(net, {'L': (X, y)}, BATCH, setup.eta, setup.mu, setup.lam,
-                           input_shape=setup.xdim if setup.convpool else None)    # as the drivers
+    return nnet.Trainer(net, {'L': (X, y)}, BATCH, setup.eta, setup.mu, setup.lam,
+                        input_shape=setup.xdim if setup.convpool else None)
+
+
+def theano_step(config, X, y, batches, conv):
+    import runlog
+    trainer = theano_trainer(config, X, y, conv)
     runlog.print_ops(trainer)
     spans = trainer.batches('L')[:batches]
 
