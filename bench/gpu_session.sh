@@ -19,6 +19,8 @@
 #   gpu-default-warm  the published run again, compile cache warm: the 60 s target
 #   gpu-64-overlap    64 filters, overlapping 4x4 pooling at stride 2
 #   gpu-64            64 filters
+#   compile           Theano's compile with an empty cache on the GPU, g++ on every core against
+#                     one at a time (bench_compile.py; libgpuarray's kernel cache stays warm)
 # DEADLINE (seconds, default 540) bounds the whole call: a step still running then gets
 # SIGTERM, and the driver writes its partial record (every logged epoch, with seconds);
 # steps not started are listed as skipped.  NEPOCH (default 50) and CONV (default auto,
@@ -50,7 +52,7 @@ note='CIFAR-10 rebuilt from ../shared JPEGs'
 exec > >(tee -a "$OUT/session.log") 2>&1
 tee_pid=$!
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(check gpu-default bench profile cpu-default gpu-default-warm gpu-64-overlap gpu-64)
+[ ${#steps[@]} -gt 0 ] || steps=(check gpu-default bench profile cpu-default gpu-default-warm gpu-64-overlap gpu-64 compile)
 
 # The machine's own python3 (numpy, Pillow, PyTorch) rebuilds the data and runs the twin;
 # Theano runs in .venv, made by setup.sh from the carried file (Debian 12's Python 3.11).
@@ -91,6 +93,7 @@ step() {
     gpu-64) drive device=cuda --W1dim="(64,5,5)" ;;
     gpu-64-overlap) drive device=cuda --W1dim="(64,5,5)" --st1="(2,2)" ;;
     cpu-default) drive device=cpu ;;
+    compile) theano device=cuda bench/bench_compile.py --configs=default --rounds=1 ;;
     bench)
       for conv in im2col conv2d; do
         theano device=cuda bench/bench_train.py --only=theano --conv=$conv \
