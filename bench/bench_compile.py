@@ -63,8 +63,10 @@ def main(argv):
     if argv and argv[0].startswith('--child='):
         return child(*argv[0].split('=', 1)[1].split(','))
     opts = bench_train.options(argv, __doc__, {'rounds': 2})
+    import machine
     import runlog
     runlog.print_run_info()
+    machine.require_gpu_if_asked()          # not CPU figures under a GPU label
     print('# seconds of the Trainer\'s compile (the whole process), g++ runs (of them ahead); empty compile cache, '
           '%d alternating rounds' % opts['rounds'])
     print('%-12s %5s %32s %32s' % ('config', 'round', *WAYS))

@@ -31,7 +31,7 @@ import time
 USER_ENV = dict(os.environ)     # before machine adds its settings: each side's process starts from this
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import machine  # noqa: E402,F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
+import machine  # noqa: E402  (first: the BLAS kernels, before numpy loads its OpenBLAS)
 import numpy as np  # noqa: E402
 
 Setup = collections.namedtuple('Setup', 'driver xdim NL hidden eta mu lam convpool')
@@ -207,6 +207,7 @@ def main(argv):
             import convnet
             import runlog
             runlog.print_run_info()
+            machine.require_gpu_if_asked()  # not CPU figures under a GPU label
             print('# convolution: %s' % convnet.conv_impl(conv))
         else:
             as_pytorch_runs()
