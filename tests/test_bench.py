@@ -1,5 +1,6 @@
 """The benchmarks' command lines (their figures are measured by running them, not tested)."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -52,3 +53,15 @@ def test_each_configuration_is_its_drivers_network_and_settings(config):
         assert (settings['W1dim'], settings['ds1'], settings['st1']) == ([filters, 5, 5], list(ds), st and list(st))
     else:
         assert 'W1dim' not in settings
+
+
+@pytest.mark.parametrize('command', [['bench_train.py', '--only=theano', '--configs=mnist-mlp', '--batches=1'],
+                                     ['bench_compile.py', '--configs=mnist-mlp', '--rounds=1']])
+def test_a_gpu_that_did_not_start_gets_no_cpu_figures_under_its_label(command):
+    """Theano runs on the CPU when the GPU does not start; the benchmarks measured that as `cuda`."""
+    bench = os.path.join(os.path.dirname(bench_train.__file__), command[0])
+    out = subprocess.run([sys.executable, bench] + command[1:], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, THEANO_FLAGS='device=cuda'))
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith('error: THEANO_FLAGS asks for cuda, but ')
+    assert 'mnist-mlp' not in out.stdout
