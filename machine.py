@@ -460,7 +460,9 @@ def compile_in_parallel():
                     shutil.rmtree(future.result(), ignore_errors=True)
 
     def compile_cmodule_compiled_ahead(self, location=None):
-        future = _compiling.get(_identity(_compile_arguments(self))) if location else None
+        # the source is generated for the lookup only while some g++ ran ahead (not for constant folding)
+        arguments = _compile_arguments(self) if location and _compiling else None
+        future = arguments and _compiling.get(_identity(arguments))
         folder = future.result() if future else None
         if not (folder and os.path.isdir(folder)):
             return compile_cmodule(self, location)
@@ -468,8 +470,7 @@ def compile_in_parallel():
             shutil.move(os.path.join(folder, name), location)
         os.rmdir(folder)
         open(os.path.join(location, '__init__.py'), 'w').close()      # as compile_str leaves it
-        return dlimport(os.path.join(location, '%s.%s' % (self.get_dynamic_module().code_hash,
-                                                          get_lib_extension())))
+        return dlimport(os.path.join(location, '%s.%s' % (arguments['module_name'], get_lib_extension())))
 
     make_all_compiling_ahead.compiles_in_parallel = True
     vm.VM_Linker.make_all = make_all_compiling_ahead
