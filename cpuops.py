@@ -34,6 +34,8 @@ MaxPool alone; the sums run in another order, so the run's figures move by float
 
 No GPU code: on the GPU, convnet.py keeps Theano's conv2d and pooling (GpuCorrMM, GpuPool).
 """
+import platform
+
 import numpy as np
 import theano
 import theano.tensor as T
@@ -45,6 +47,8 @@ from theano.tensor.nnet import corr
 
 UNSIGNED = {'float32': 'npy_uint32', 'float64': 'npy_uint64'}    # same width: the gradient's masks
 NPY_FLOAT = {'float32': 'npy_float', 'float64': 'npy_double'}     # support code has no dtype_ typedefs
+# The AVX-512 paths' intrinsics: x86 compilers only (on ARM g++ has no such header; the plain loops run)
+INTRINSICS_HEADERS = ['<immintrin.h>'] if platform.machine().lower() in ('x86_64', 'amd64') else []
 
 
 def max_pool(x, ws, stride):
@@ -88,7 +92,7 @@ class _Pooling(OpenMPOp):
                              % (ws, stride))
 
     def c_headers(self):
-        return super().c_headers() + ['<immintrin.h>']
+        return super().c_headers() + INTRINSICS_HEADERS
 
     def constants(self, sub):
         """The C code's substitutions: window, stride, the OpenMP pragma, the failure code."""
@@ -790,7 +794,7 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
                                                 store_part=DIRECT_STORE_PART[node.inputs[0].dtype])
 
     def c_headers(self):
-        return super().c_headers() + ['<immintrin.h>']
+        return super().c_headers() + INTRINSICS_HEADERS
 
     def c_code_cache_version(self):        # raise it with any change to DIRECT_CORRELATION
         return super().c_code_cache_version() + ('direct', 10)

@@ -49,7 +49,7 @@ bookworm_download() {   # Debian 12 .debs into .python3.11/debs, through a priva
   local opts=(-o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
               -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o Debug::NoLocking=1
               -o Dir::State::status=/dev/null
-              -o APT::Architecture=amd64 -o APT::Sandbox::User="$(id -un)" -qq)
+              -o APT::Architecture="$(dpkg --print-architecture)" -o APT::Sandbox::User="$(id -un)" -qq)
   ls "$apt/lists" | grep -q _Packages || apt-get "${opts[@]}" update >&2
   (cd "$PRIVATE/debs" && apt-get "${opts[@]}" download "$@" >&2)
 }
@@ -77,11 +77,11 @@ private_python() {   # prints the path of the private python3.11, fetching it fi
     rm -rf "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/libs-all" && mkdir -p "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/libs-all"
     for name in "${PY_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$prefix.tmp"; done
     for name in "${LIB_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$PRIVATE/libs.tmp"; done
-    cp -a "$PRIVATE"/libs.tmp/{usr/,}lib/x86_64-linux-gnu/*.so.* "$PRIVATE/libs-all/"
+    cp -a "$PRIVATE"/libs.tmp/{usr/,}lib/*-linux-gnu/*.so.* "$PRIVATE/libs-all/"     # x86_64-, aarch64-...
     rm -rf "$PRIVATE/libs.tmp"
     keep_missing_libs
     # Debian's pyconfig.h only points at the multiarch copy; Theano compiles with -I.../python3.11
-    cp "$prefix.tmp/usr/include/x86_64-linux-gnu/python3.11/pyconfig.h" "$prefix.tmp/usr/include/python3.11/pyconfig.h"
+    cp "$prefix.tmp"/usr/include/*-linux-gnu/python3.11/pyconfig.h "$prefix.tmp/usr/include/python3.11/pyconfig.h"
     rm -rf "$prefix" && mv "$prefix.tmp" "$prefix"
   fi
   echo "$prefix/usr/bin/python3.11"

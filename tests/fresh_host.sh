@@ -4,6 +4,7 @@
 #
 #   bash tests/fresh_host.sh [ROOTFS]
 #   bash tests/fresh_host.sh --carried [ROOTFS]
+#   bash tests/fresh_host.sh --arch=arm64 [ROOTFS]
 #
 # Makes a minimal Debian 13 (trixie) root with debootstrap in ROOTFS (default /srv/trixie;
 # an existing one is reused), copies this clone's tracked files and a local copy of
@@ -15,21 +16,31 @@
 # --pack`): with no network at all (a network namespace of its own) and at another path than
 # the one it was packed at, `bash setup.sh --gpu --from=...`, then a CPU run of the driver, and
 # device=cuda refused at once (no GPU here).
+# --arch=arm64: the same two commands on a Debian 13 for 64-bit ARM (default root /srv/trixie-arm64),
+# run through qemu-user-static (installed and registered with the kernel's binfmt_misc if need be):
+# ten times slower or more, so the tests are those of the layers and the ops only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-carried=0
+carried=0; arch=""
 [ "${1:-}" != --carried ] || { carried=1; shift; }
-ROOTFS=${1:-/srv/trixie}
+case "${1:-}" in --arch=?*) arch=${1#--arch=}; shift ;; esac
+ROOTFS=${1:-/srv/trixie${arch:+-$arch}}
 DATA=${CIFAR10_REAL_DATADIR:-data}
 [ -d "$DATA/cifar-10-batches-py" ] || { echo "fresh_host.sh: no CIFAR-10 at $DATA/cifar-10-batches-py" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || { echo "fresh_host.sh: run as root (debootstrap, chroot)" >&2; exit 1; }
 
+if [ -n "$arch" ] && [ "$arch" != "$(dpkg --print-architecture)" ]; then   # another CPU's programs through qemu
+  qemu=$(dpkg-architecture -a "$arch" -qDEB_HOST_GNU_CPU 2>/dev/null || echo "${arch/arm64/aarch64}")
+  [ -f /usr/lib/binfmt.d/qemu-$qemu.conf ] || { apt-get update -qq && apt-get install -y -qq qemu-user-static >/dev/null; }
+  [ -f /proc/sys/fs/binfmt_misc/register ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  [ -f "/proc/sys/fs/binfmt_misc/qemu-$qemu" ] || cat "/usr/lib/binfmt.d/qemu-$qemu.conf" > /proc/sys/fs/binfmt_misc/register
+fi
 if [ ! -x "$ROOTFS/bin/bash" ]; then
   command -v debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
   # (|| true: a host without one of these files, or a head that closes the pipe early, is no error)
   mirror=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
            grep -Eo '(https?|file)://[^ ]*/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ' || true)
-  debootstrap --variant=minbase trixie "$ROOTFS" ${mirror:+"$mirror"}
+  debootstrap ${arch:+--arch="$arch"} --variant=minbase trixie "$ROOTFS" ${mirror:+"$mirror"}
 fi
 
 repo=$ROOTFS/home/user/project
@@ -58,6 +69,7 @@ if [ $carried -eq 1 ]; then
     { THEANO_FLAGS=device=cuda .venv/bin/python cifar10_convnet.py; echo "device=cuda: exit $?"; }'
   exit
 fi
-chroot "$ROOTFS" /bin/bash -lc 'cd /home/user/project &&
+tests=${arch:+tests/test_convnet.py tests/test_nnet.py tests/test_cpuops.py tests/test_cpublas.py}
+chroot "$ROOTFS" /bin/bash -lc "uname -m && cd /home/user/project &&
   time (bash setup.sh && .venv/bin/python cifar10_convnet.py --nepoch=1) &&
-  time (bash setup.sh --test && .venv/bin/python -m pytest -q)'
+  time (bash setup.sh --test && .venv/bin/python -m pytest -q $tests)"
