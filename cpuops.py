@@ -47,8 +47,9 @@ from theano.tensor.nnet import corr
 
 UNSIGNED = {'float32': 'npy_uint32', 'float64': 'npy_uint64'}    # same width: the gradient's masks
 NPY_FLOAT = {'float32': 'npy_float', 'float64': 'npy_double'}     # support code has no dtype_ typedefs
-# The AVX-512 paths' intrinsics: x86 compilers only (on ARM g++ has no such header; the plain loops run)
-INTRINSICS_HEADERS = ['<immintrin.h>'] if platform.machine().lower() in ('x86_64', 'amd64') else []
+# The AVX-512 paths' intrinsics and flags are x86's (g++ for ARM has no such header: the plain loops run)
+X86 = platform.machine().lower() in ('x86_64', 'amd64')
+INTRINSICS_HEADERS = ['<immintrin.h>'] if X86 else []
 
 
 def max_pool(x, ws, stride):

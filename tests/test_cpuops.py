@@ -22,8 +22,8 @@ class WithoutAVX512:
         GCC_compiler.compile_args()
         return [f for f in GCC_compiler.march_flags or [] if f.startswith(('-march=', '-mavx512'))]
 
-    def c_compile_args(self):
-        return super().c_compile_args() + ['-mno-avx512f']
+    def c_compile_args(self):               # (no such flag, nor AVX-512, elsewhere: the same op there)
+        return super().c_compile_args() + (['-mno-avx512f'] if cpuops.X86 else [])
 
 
 CASES = [((4, 4), (4, 4), (3, 2, 28, 28)),      # the published window
