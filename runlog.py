@@ -35,8 +35,16 @@ def apply_overrides(namespace, names, argv):
     Unknown names are rejected with the list of valid ones; each override is printed;
     check_settings then checks every value.  --help or -h (after any overrides) prints the
     settings and exits; --help=json prints them as one JSON line, with the device (for
-    sweep.py and the benchmarks).
+    sweep.py and the benchmarks).  An output pipe already closed ends the run as in run_driver
+    (`| head -1` with unbuffered output, PYTHONUNBUFFERED=1, can close it this early).
     """
+    try:
+        _apply_overrides(namespace, names, argv)
+    except BrokenPipeError:
+        sys.exit(closed_pipe_before_training())
+
+
+def _apply_overrides(namespace, names, argv):
     overridden = set()
     for arg in argv:
         if arg in ('--help', '-h'):
@@ -373,9 +381,14 @@ def run_driver(main):
         say('# interrupted before training started: nothing to save')
         return 130
     except BrokenPipeError:
-        silence_stdout()
-        sys.stderr.write('# the output pipe closed before training started: nothing to save\n')
-        return 128 + signal.SIGPIPE
+        return closed_pipe_before_training()
+
+
+def closed_pipe_before_training():
+    """One line instead of a traceback; the exit code of a process that SIGPIPE ended."""
+    silence_stdout()
+    sys.stderr.write('# the output pipe closed before training started: nothing to save\n')
+    return 128 + signal.SIGPIPE
 
 
 def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_data, quickL=False, resume=None,

@@ -330,6 +330,24 @@ def test_an_output_pipe_closed_before_training_ends_the_run_with_one_line(tmp_pa
     assert helped.wait(timeout=300) == 0 and helped.stderr.read() == ''
 
 
+@pytest.mark.parametrize('script', ['cifar10_convnet.py', 'mnist_mlp.py'])
+def test_an_output_pipe_closed_before_the_first_line_ends_the_run_with_one_line(script, tmp_path):
+    """Unbuffered (PYTHONUNBUFFERED=1, as in containers and CI), `| head -1` can be gone before
+    the second override line: that print raised BrokenPipeError outside run_driver, a traceback
+    and exit 1 (seen under emulation, where the driver writes slowly).  Here the pipe is closed
+    before the driver starts, so the first override's print meets it."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, script, '--nepoch=1', '--datadir=%s' % tmp_path], cwd=ROOT,
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300,
+                                env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    finally:
+        os.close(write_end)
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+    assert result.stderr == '# the output pipe closed before training started: nothing to save\n'
+
+
 def test_a_finished_run_resumed_with_more_epochs_logs_as_one_run(tmp_path):
     make_mnist(str(tmp_path), ntrain=600, ntest=100)
     runs = {}
