@@ -34,8 +34,6 @@ MaxPool alone; the sums run in another order, so the run's figures move by float
 
 No GPU code: on the GPU, convnet.py keeps Theano's conv2d and pooling (GpuCorrMM, GpuPool).
 """
-import platform
-
 import numpy as np
 import theano
 import theano.tensor as T
@@ -44,11 +42,13 @@ from theano.gof import OpenMPOp
 from theano.gof.opt import TopoOptimizer, local_optimizer
 from theano.tensor.nnet import corr
 
+import openblas
+
 
 UNSIGNED = {'float32': 'npy_uint32', 'float64': 'npy_uint64'}    # same width: the gradient's masks
 NPY_FLOAT = {'float32': 'npy_float', 'float64': 'npy_double'}     # support code has no dtype_ typedefs
 # The AVX-512 paths' intrinsics and flags are x86's (g++ for ARM has no such header: the plain loops run)
-X86 = platform.machine().lower() in ('x86_64', 'amd64')
+X86 = openblas.is_x86()
 INTRINSICS_HEADERS = ['<immintrin.h>'] if X86 else []
 
 

@@ -36,9 +36,14 @@ def cpu_flags(cpuinfo='/proc/cpuinfo'):
     return set(m.group(1).split()) if m else set()
 
 
+def is_x86(arch=None):
+    """Whether this machine (or arch, as platform.machine() names one) is 64-bit x86."""
+    return (arch or platform.machine()).lower() in ('x86_64', 'amd64')
+
+
 def cpu_level(flags, arch=None):
     """2 for AVX-512, 1 for AVX2 + FMA, 0 otherwise and on anything not x86-64."""
-    if (arch or platform.machine()).lower() not in ('x86_64', 'amd64'):
+    if not is_x86(arch):
         return 0
     return 2 if AVX512 <= flags else 1 if AVX2 <= flags else 0
 
@@ -54,7 +59,7 @@ def choose_coretype(flags, detected, environ, arch=None):
         return None, 'OPENBLAS_CORETYPE=%s, set by you' % environ['OPENBLAS_CORETYPE']
     level = cpu_level(flags, arch)
     if level == 0:
-        return None, 'as OpenBLAS picks them (this CPU has no AVX2)'
+        return None, 'as OpenBLAS picks them (%s)' % ('this CPU has no AVX2' if is_x86(arch) else 'not an x86 CPU')
     behind = sorted(lib for lib, core in detected.items() if KERNEL_LEVEL.get(core.lower(), 0) < level)
     if not behind:
         return None, 'as OpenBLAS picks them (%s, fit for this %s CPU)' % (

@@ -55,6 +55,8 @@ def test_kernel_choice(flags, detected, environ, arch, expected):
             assert (lib in why) == (openblas.KERNEL_LEVEL.get(core.lower(), 0) < level)
     elif environ:
         assert 'set by you' in why
+    elif openblas.cpu_level(flags, arch) == 0:      # nothing better to choose, and why
+        assert ('has no AVX2' if arch == 'x86_64' else 'not an x86 CPU') in why
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
