@@ -88,7 +88,7 @@ step() {
       nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || return 3
       lscpu | grep -E '^(Model name|CPU\(s\)|Thread|Core)'
       theano device=cuda -m pytest -q -p no:cacheprovider tests/test_nnet.py tests/test_convnet.py \
-        -k 'matches or conv_layer or pool_layer or one_step or learns' ;;
+        -k 'matches or conv_layer or pool_layer or one_step or learns' --junitxml="$work/check.xml" ;;
     gpu-default|gpu-default-warm) drive device=cuda ;;
     gpu-64) drive device=cuda --W1dim="(64,5,5)" ;;
     gpu-64-overlap) drive device=cuda --W1dim="(64,5,5)" --st1="(2,2)" ;;

@@ -65,6 +65,28 @@ def test_cost_terms_are_summed_cross_entropy_and_first_argmax_hits():
         nnet.FullLayer(np.random.RandomState(0), 3, 4, 'relu').cost_terms(x_, y_)
 
 
+def test_cost_terms_on_the_gpu_count_the_rows_whose_label_is_most_probable(monkeypatch):
+    """The GPU's graph (Theano's GPU argmax of the fused op is wrong), compiled here on the CPU:
+    the same cost, and the rows whose label has the largest probability, a tie for each class."""
+    monkeypatch.setattr(nnet.machine, 'gpu_asked', lambda: True)
+    layer = nnet.FullLayer(np.random.RandomState(0), 3, 4, 'softmax')
+    W = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]], floatX)     # classes 2 and 3 tie
+    layer.W.set_value(W)
+    layer.b.set_value(np.array([0.1, -0.2, 0.0, 0.0], floatX))
+    x = np.array([[2, 0, 0], [0, 3, 0], [0, 0, 1], [0, 0, 1], [1, 1, 0]], floatX)
+    y = np.array([0, 0, 2, 3, 1], 'int32')
+    x_, y_ = T.matrix(), T.ivector()
+    f = theano.function([x_, y_], layer.cost_terms(x_, y_))
+    cost, correct = f(x, y)
+    p = softmax(x @ layer.W.get_value() + layer.b.get_value())
+    assert cost == pytest.approx(-np.log(p[np.arange(5), y]).sum(), rel=1e-5)
+    assert correct == 3                     # rows 0, 2 and 3 (the tie)
+    rng = np.random.RandomState(1)          # no ties: as the argmax
+    layer.W.set_value(rng.randn(3, 4).astype(floatX))
+    x, y = rng.randn(50, 3).astype(floatX), rng.randint(0, 4, 50).astype('int32')
+    assert f(x, y)[1] == (softmax(x @ layer.W.get_value() + layer.b.get_value()).argmax(axis=1) == y).sum()
+
+
 def test_cost_gradient_matches_finite_differences():
     rng = np.random.RandomState(1)
     x = rng.randn(7, 4)
