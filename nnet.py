@@ -90,6 +90,7 @@ class FullLayer:
         b = self.b if self.b is not None else T.zeros((self.output_shape[0],), floatX)
         nll, p, predicted = T.nnet.crossentropy_softmax_argmax_1hot_with_bias(T.dot(x, self.W), b, y)
         if machine.gpu_asked():
+            y = T.as_tensor_variable(y)                                              # (labels given as an array too)
             classes = T.constant(np.arange(self.output_shape[0], dtype=y.dtype))    # (a constant: no copy a step)
             label = T.eq(classes.dimshuffle('x', 0), y.dimshuffle(0, 'x'))
             return nll.sum(), T.ge((p * label).sum(axis=1), p.max(axis=1)).sum()

@@ -81,6 +81,7 @@ def test_cost_terms_on_the_gpu_count_the_rows_whose_label_is_most_probable(monke
     p = softmax(x @ layer.W.get_value() + layer.b.get_value())
     assert cost == pytest.approx(-np.log(p[np.arange(5), y]).sum(), rel=1e-5)
     assert correct == 3                     # rows 0, 2 and 3 (the tie)
+    assert theano.function([x_], layer.cost_terms(x_, y)[1])(x) == 3     # labels as an array (the gradient tests)
     rng = np.random.RandomState(1)          # no ties: as the argmax
     layer.W.set_value(rng.randn(3, 4).astype(floatX))
     x, y = rng.randn(50, 3).astype(floatX), rng.randint(0, 4, 50).astype('int32')
