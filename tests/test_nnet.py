@@ -47,7 +47,8 @@ def test_same_seed_same_weights():
         np.testing.assert_array_equal(p.get_value(), q.get_value())
 
 
-def test_cost_terms_are_summed_cross_entropy_and_first_argmax_hits():
+def softmax_layer_with_a_tie():
+    """A softmax layer of 3 -> 4 whose classes 2 and 3 tie, five rows and their labels, the rows' probabilities."""
     layer = nnet.FullLayer(np.random.RandomState(0), 3, 4, 'softmax')
     W = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]], floatX)     # classes 2 and 3 tie
     b = np.array([0.1, -0.2, 0.0, 0.0], floatX)
@@ -55,9 +56,13 @@ def test_cost_terms_are_summed_cross_entropy_and_first_argmax_hits():
     layer.b.set_value(b)
     x = np.array([[2, 0, 0], [0, 3, 0], [0, 0, 1], [0, 0, 1], [1, 1, 0]], floatX)
     y = np.array([0, 0, 2, 3, 1], 'int32')
+    return layer, x, y, softmax(x @ W + b)
+
+
+def test_cost_terms_are_summed_cross_entropy_and_first_argmax_hits():
+    layer, x, y, p = softmax_layer_with_a_tie()
     x_, y_ = T.matrix(), T.ivector()
     cost, correct = theano.function([x_, y_], layer.cost_terms(x_, y_))(x, y)
-    p = softmax(x @ W + b)
     assert cost == pytest.approx(-np.log(p[np.arange(5), y]).sum(), rel=1e-5)
     assert correct == 2                     # rows 0 and 2: a tie counts for its first class only
     assert correct == (p.argmax(axis=1) == y).sum()
@@ -69,16 +74,10 @@ def test_cost_terms_on_the_gpu_count_the_rows_whose_label_is_most_probable(monke
     """The GPU's graph (Theano's GPU argmax of the fused op is wrong), compiled here on the CPU:
     the same cost, and the rows whose label has the largest probability, a tie for each class."""
     monkeypatch.setattr(nnet.machine, 'gpu_asked', lambda: True)
-    layer = nnet.FullLayer(np.random.RandomState(0), 3, 4, 'softmax')
-    W = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]], floatX)     # classes 2 and 3 tie
-    layer.W.set_value(W)
-    layer.b.set_value(np.array([0.1, -0.2, 0.0, 0.0], floatX))
-    x = np.array([[2, 0, 0], [0, 3, 0], [0, 0, 1], [0, 0, 1], [1, 1, 0]], floatX)
-    y = np.array([0, 0, 2, 3, 1], 'int32')
+    layer, x, y, p = softmax_layer_with_a_tie()
     x_, y_ = T.matrix(), T.ivector()
     f = theano.function([x_, y_], layer.cost_terms(x_, y_))
     cost, correct = f(x, y)
-    p = softmax(x @ layer.W.get_value() + layer.b.get_value())
     assert cost == pytest.approx(-np.log(p[np.arange(5), y]).sum(), rel=1e-5)
     assert correct == 3                     # rows 0, 2 and 3 (the tie)
     assert theano.function([x_], layer.cost_terms(x_, y)[1])(x) == 3     # labels as an array (the gradient tests)
