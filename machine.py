@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import platform
 import re
@@ -122,6 +123,38 @@ def refuse_old_gpu_back_end(user):
         if value.startswith('gpu'):     # what Theano 1.0.5 refuses
             sys.exit("error: %s=%s (THEANO_FLAGS or .theanorc) is Theano's old GPU back end, removed in "
                      "Theano 1.0: use %s=cuda%s (see the README's GPU section)" % (name, value, name, value[3:]))
+
+
+def require_gpu_stack(device, environ):
+    """device=cuda: stop with one line where pygpu does not import or a CUDA library is missing
+    (Theano would log a traceback and fall back to the CPU); else link the CUDA libraries found
+    now (a toolkit in CUDA_HOME, the driver of the machine a set-up was carried to) under the
+    names libgpuarray opens."""
+    def refuse(cause):
+        sys.exit('error: THEANO_FLAGS asks for %s, but %s' % (device, cause))
+    if importlib.util.find_spec('pygpu') is None:
+        refuse('pygpu is not installed: bash setup.sh --gpu installs it and libgpuarray')
+    try:
+        import pygpu  # noqa: F401
+    except ImportError as e:      # a libgpuarray for another C library, or none
+        refuse('pygpu does not import (%s): bash setup.sh --gpu sets it up again for this host' % e)
+    problems = gpustack.problems(environ)
+    if problems:
+        refuse('; '.join(problems))
+    try:            # where libgpuarray's rpath leads its dlopen of the CUDA libraries
+        gpustack.link_cuda_libraries(gpustack.links_folder(), gpustack.find_cuda_libraries(gpustack.cuda_folders(environ)))
+    except OSError:
+        pass        # a venv this user cannot write: the links setup.sh --gpu made serve
+    logging.getLogger('theano.gpuarray').addFilter(without_traceback)
+
+
+def without_traceback(record):
+    """A log record's exception as one line after its message: a GPU that does not start is
+    then explained by require_gpu_if_asked's line, not by a traceback."""
+    if record.exc_info:
+        record.msg, record.args = '%s: %s' % (record.getMessage(), record.exc_info[1]), ()
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def can_create(folder):
@@ -287,14 +320,11 @@ def set_up(environ=os.environ):
         added.append('gcc.cxxflags=-I%s -L%s -Wl\\,-rpath\\,%s' % (include, libdir, libdir))
         notes.append('gcc.cxxflags: -I %s, -L and -rpath %s (this Python lives in %s, not where it '
                      'was built to live)' % (relocated + (sys.base_prefix,)))
-    gpu = gpustack.folder()
-    if gpu and user.get('device', '').startswith('cuda'):
-        gpustack.restart_with_cuda_libraries(gpu, environ)
-    if gpu:
-        gpustack.use(gpu, environ)
-        notes.append('GPU back end: libgpuarray and its headers from %s' % gpu)
-        if 'dnn.enabled' not in user:   # cuDNN 8 and 9 removed calls that Theano 1.0.5 makes
-            added.append('dnn.enabled=False')
+    if user.get('device', '').startswith('cuda'):
+        require_gpu_stack(user['device'], environ)
+        notes.append('GPU back end: pygpu %s, libgpuarray %s' % (installed_version('pygpu'), gpustack.installed()))
+    if gpustack.installed() and 'dnn.enabled' not in user:  # cuDNN 8 and 9 removed calls that Theano 1.0.5 makes
+        added.append('dnn.enabled=False')
     if 'floatX' not in user:
         added.append('floatX=float32')
     if 'allow_gc' not in user:
@@ -512,6 +542,11 @@ def device_description():
     except (OSError, AttributeError):
         pass
     return 'cpu: %s, %d cores' % (model, os.cpu_count())
+
+
+def gpu_stack_description():
+    """On the GPU, one line naming the driver and the CUDA library files loaded, else None."""
+    return gpustack.describe() if gpu_asked() else None
 
 
 def memory_used():

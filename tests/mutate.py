@@ -26,6 +26,8 @@ MUTATIONS = [  # what, file, published text, mutated text
      'if epoch > 0 and not quickL:', 'if epoch > 0 and quickL:'),
     ('the starred row evaluating V in place of T', 'runlog.py',
      "costT, accT = trainer.evaluate('T')", "costT, accT = trainer.evaluate('V')"),
+    ('MNIST validating on 5000 images (its table: 50000 / 10000 / 10000)', 'mnist.py',
+     '\nNV = 10000 ', '\nNV = 5000 '),
     ('ZCA epsilon 0.003 (published 0.001)', 'cifar10.py', 'ZCA_EPSILON = 0.001', 'ZCA_EPSILON = 0.003'),
     ('ZCA epsilon added outside the square root', 'cifar10.py',
      '(1.0 / np.sqrt(s + epsilon))', '(1.0 / np.sqrt(s) + epsilon)'),

@@ -224,6 +224,18 @@ def test_mnist_split_and_scaling(tmp_path):
     assert np.shares_memory(nnet.joined([data[s][0] for s in 'LVT']), data['T'][0])     # one array, as CIFAR-10's
 
 
+def test_mnist_full_size_splits_as_its_table_reports(tmp_path):
+    """60000 training images: the last 10000 validate, the 10000 of t10k test."""
+    folder = tmp_path / 'mnist'
+    folder.mkdir()
+    for prefix, n in (('train', 60000), ('t10k', 10000)):
+        labels = np.arange(n) % 10
+        write_idx(str(folder / ('%s-images-idx3-ubyte.gz' % prefix)), np.zeros((n, 28, 28), np.uint8) + labels[:, None, None])
+        write_idx(str(folder / ('%s-labels-idx1-ubyte.gz' % prefix)), labels)
+    data = mnist.load(str(tmp_path))
+    assert {k: len(v[1]) for k, v in data.items()} == {'L': 50000, 'V': 10000, 'T': 10000}
+
+
 def test_mnist_bad_files_raise_clear_errors(tmp_path):
     folder = make_mnist(str(tmp_path))
     labels = os.path.join(folder, 'train-labels-idx1-ubyte.gz')

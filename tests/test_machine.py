@@ -244,17 +244,84 @@ def test_a_child_process_decides_again_and_keeps_what_its_caller_changed():
 
 def test_cuda_libraries_get_the_unversioned_names_libgpuarray_opens(tmp_path):
     driver, toolkit, wheel = tmp_path / 'driver', tmp_path / 'cuda-13' / 'lib64', tmp_path / 'nvidia' / 'cu13' / 'lib'
-    for folder, files in ((driver, ['libcuda.so.1']), (toolkit, ['libnvrtc.so.12']),
-                          (wheel, ['libnvrtc.so.13', 'libcublas.so.13'])):
+    for folder, files in ((driver, ['libcuda.so.1', 'libnvidia-ml.so.1']), (toolkit, ['libnvrtc.so.12']),
+                          (wheel, ['libnvrtc.so.13', 'libnvrtc-builtins.so.13.0', 'libcublas.so.13',
+                                   'libcublasLt.so.13', 'libcufft.so.12'])):
         folder.mkdir(parents=True)
         for name in files:
             (folder / name).write_bytes(b'')
+    found = gpustack.find_cuda_libraries([str(driver), str(wheel), str(toolkit)])
+    assert found == {'libcuda.so': str(driver / 'libcuda.so.1'), 'libnvrtc.so': str(wheel / 'libnvrtc.so.13'),
+                     'libcublas.so': str(wheel / 'libcublas.so.13')}
+    assert gpustack.find_cuda_libraries([str(toolkit), str(wheel)])['libnvrtc.so'] == str(toolkit / 'libnvrtc.so.12')
     links = tmp_path / 'links'
-    path = gpustack.link_cuda_libraries(str(links), [str(driver), str(toolkit), str(wheel)])
-    assert path == [str(links), str(driver), str(wheel)]               # the newest NVRTC wins
-    assert os.readlink(links / 'libnvrtc.so') == str(wheel / 'libnvrtc.so.13')
-    assert os.readlink(links / 'libcuda.so') == str(driver / 'libcuda.so.1')
-    assert gpustack.link_cuda_libraries(str(links), [str(toolkit), str(wheel)]) == []   # no driver: no GPU
+    gpustack.link_cuda_libraries(str(links), found)
+    assert sorted(os.listdir(links)) == ['libcublas.so', 'libcublas.so.13', 'libcublasLt.so.13', 'libcuda.so',
+                                         'libnvrtc-builtins.so.13.0', 'libnvrtc.so', 'libnvrtc.so.13']
+    assert os.readlink(links / 'libcublasLt.so.13') == str(wheel / 'libcublasLt.so.13')   # found from the links
+    gpustack.link_cuda_libraries(str(links), dict(found, **{'libnvrtc.so': str(toolkit / 'libnvrtc.so.12')}))
+    assert os.readlink(links / 'libnvrtc.so') == str(toolkit / 'libnvrtc.so.12')
+    assert not (links / 'libnvrtc-builtins.so.13.0').exists()          # the earlier choice's companions go
+
+
+def test_a_toolkit_the_user_names_comes_first_then_this_venvs_wheels(tmp_path):
+    (tmp_path / 'lib64').mkdir()
+    folders = gpustack.cuda_folders({'CUDA_HOME': str(tmp_path)})
+    assert folders[0] == str(tmp_path / 'lib64')
+    venv = [i for i, f in enumerate(folders) if f.startswith(os.path.join(sys.prefix, 'lib'))]
+    system = [i for i, f in enumerate(folders) if f.startswith(('/usr/', '/lib'))]
+    assert all(i < j for i in venv for j in system)
+
+
+@pytest.mark.parametrize('driver, major', [(None, 12), ((470, 256, 2), None), ((525, 60, 13), 12),
+                                           ((575, 64), 12), ((580, 65, 6), 13), ((590, 1), 13)])
+def test_the_cuda_wheels_fit_the_driver(driver, major):
+    """CUDA 12's libraries run on drivers from 525, CUDA 13's from 580; no driver seen: CUDA 12."""
+    assert gpustack.cuda_major_for(driver) == major
+
+
+def test_device_cuda_names_each_missing_piece_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpustack, 'cuda_folders', lambda environ=None: [str(tmp_path)])
+    monkeypatch.setattr(gpustack, 'driver_version', lambda: (535, 1))
+    assert [p.split(' (')[0] for p in gpustack.problems()] == ['no NVIDIA driver here', 'no NVRTC', 'no cuBLAS']
+    for name in ('libcuda.so.1', 'libnvrtc.so.13', 'libcublas.so.12'):
+        (tmp_path / name).write_bytes(b'')
+    assert [p.split(' (')[0] for p in gpustack.problems()] == ['NVRTC is CUDA 13']
+    assert 'needs driver 580 or newer, and this one is 535.1' in gpustack.problems()[0]
+
+
+def test_libgpuarray_opens_the_driver_through_the_links_without_a_restart(tmp_path):
+    """setup.sh --gpu gives libgpuarray an rpath to the venv's links: a stand-in driver library
+    (no CUDA functions in it) is opened from there, and the failed start is one line."""
+    pytest.importorskip('pygpu')
+    (tmp_path / 'lib64').mkdir()
+    (tmp_path / 'stub.c').write_text('int cuDriverGetVersion(int *v) { *v = 12080; return 0; }\n')
+    subprocess.run(['gcc', '-shared', '-fPIC', '-o', str(tmp_path / 'lib64' / 'libcuda.so.1'), str(tmp_path / 'stub.c')],
+                   check=True)
+    out = subprocess.run([sys.executable, 'mnist_mlp.py', '--datadir=%s' % tmp_path], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, CUDA_HOME=str(tmp_path), THEANO_FLAGS='device=cuda'))
+    assert out.returncode == 1 and 'Traceback' not in out.stderr
+    assert 'cuda-links/libcuda.so: undefined symbol' in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith('error: THEANO_FLAGS asks for cuda, but the GPU did not')
+
+
+def test_a_pygpu_that_does_not_import_leaves_the_cpu_run_alone_and_stops_device_cuda_in_one_line(tmp_path):
+    """A libgpuarray built for a newer C library than the host's: the CPU run must not notice."""
+    (tmp_path / 'pygpu').mkdir()
+    (tmp_path / 'pygpu' / '__init__.py').write_text(
+        "raise ImportError(\"/lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.33' not found\")\n")
+    make_mnist(str(tmp_path), ntrain=300, ntest=50)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = [sys.executable, 'mnist_mlp.py', '--datadir=%s' % tmp_path, '--nepoch=1', '--H1=8', '--H2=None',
+           '--outdir=%s' % (tmp_path / 'runs')]
+    out = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=dict(env, THEANO_FLAGS='device=cuda'))
+    assert out.returncode == 1 and 'Traceback' not in out.stderr
+    assert out.stderr.strip().splitlines() == ["error: THEANO_FLAGS asks for cuda, but pygpu does not import "
+                                               "(/lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.33' not found): "
+                                               "bash setup.sh --gpu sets it up again for this host"]
 
 
 def test_a_second_process_compiles_no_c_code_for_the_same_network():
