@@ -4,6 +4,7 @@
                                 [--conv=auto|conv2d|im2col]
     THEANO_FLAGS=device=cuda python bench/bench_train.py --only=theano      # GPU, Theano side
     python3 bench/bench_train.py --only=pytorch --torch-device=cuda         # GPU, PyTorch side
+    python3 bench/bench_train.py --only=pytorch --torch-device=cuda --torch-mode=graph
 
 Times the training step (forward, backward, momentum/decay update) on minibatches of
 100 already in memory, float32, both with the same number of threads (Theano: OpenMP
@@ -20,6 +21,10 @@ neighbour hits both alike.  The twin is skipped with a message when PyTorch is a
 process: on the GPU machine no Python has both (Theano lives in the gpu-kit bundle,
 PyTorch in the system Python), so compare the two outputs' seconds there.
 --conv picks how the Theano side computes the convolution (convnet.ConvLayer's impl).
+--torch-mode=graph (GPU only) captures the twin's whole training step, forward, backward and
+SGD update, once as a CUDA graph (torch.cuda.CUDAGraph) and replays it for each minibatch: at
+batch 100 an eager step mostly measures kernel launches, and a graph is what a PyTorch user
+would reach for.
 """
 import collections
 import importlib.util
@@ -127,7 +132,7 @@ def torch_twin(config, device):
     return logits, opt
 
 
-def torch_step(config, X, y, batches, threads, device):
+def torch_step(config, X, y, batches, threads, device, mode='eager'):
     as_pytorch_runs()
     import torch
     import torch.nn.functional as fn
@@ -137,11 +142,12 @@ def torch_step(config, X, y, batches, threads, device):
     Xt = torch.from_numpy(X).view(-1, *CONFIGS[config].xdim).to(device)   # all data on the device, as ours
     yt = torch.from_numpy(y.astype(np.int64)).to(device)
 
-    def step(xb, yb):
+    def eager(xb, yb):
         loss = fn.cross_entropy(logits(xb), yb)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    step = eager if mode == 'eager' else captured(eager, Xt[:BATCH].clone(), yt[:BATCH].clone(), opt)
 
     def run():
         sync()
@@ -154,7 +160,30 @@ def torch_step(config, X, y, batches, threads, device):
     return run
 
 
-def measure(side, config, batches, rounds, torch_device, conv):
+def captured(eager, xb, yb, opt):
+    """eager's whole step captured as one CUDA graph on the inputs xb, yb (PyTorch's recipe: a few
+    eager steps on a side stream first, which also make SGD's momentum buffers); returns a step
+    that copies a minibatch into them and replays the graph."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager(xb, yb)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        eager(xb, yb)
+
+    def replay(x, y):
+        xb.copy_(x)
+        yb.copy_(y)
+        graph.replay()
+    return replay
+
+
+def measure(side, config, batches, rounds, torch_device, conv, torch_mode='eager'):
     """Seconds per minibatch, best of `rounds`, for one side in this process."""
     rng = np.random.RandomState(0)
     X = rng.randn(batches * BATCH, int(np.prod(CONFIGS[config].xdim)))
@@ -165,7 +194,7 @@ def measure(side, config, batches, rounds, torch_device, conv):
         X = X.astype('float32')
     y = rng.randint(0, K, batches * BATCH).astype('int32')
     run = (theano_step(config, X, y, batches, conv) if side == 'theano'
-           else torch_step(config, X, y, batches, os.cpu_count(), torch_device))
+           else torch_step(config, X, y, batches, os.cpu_count(), torch_device, torch_mode))
     return min(run() for _ in range(rounds))
 
 
@@ -197,11 +226,13 @@ def options(argv, usage, defaults):
 
 def main(argv):
     opts = options(argv, __doc__, {'batches': 100, 'repeats': 3, 'torch-device': 'cpu', 'conv': 'auto',
-                                   'only': None})
+                                   'only': None, 'torch-mode': 'eager'})
     configs, batches, repeats = opts['configs'], opts['batches'], opts['repeats']
-    torch_device, conv = opts['torch-device'], opts['conv']
+    torch_device, conv, torch_mode = opts['torch-device'], opts['conv'], opts['torch-mode']
     if opts['only'] not in (None, 'theano', 'pytorch'):
         sys.exit('error: --only=%s: needs theano or pytorch' % opts['only'])
+    if torch_mode not in ('eager', 'graph') or (torch_mode == 'graph' and not torch_device.startswith('cuda')):
+        sys.exit('error: --torch-mode=%s: needs eager, or graph with --torch-device=cuda' % torch_mode)
     if opts['only']:                            # one side, in this process
         if opts['only'] == 'theano':
             import convnet
@@ -212,9 +243,12 @@ def main(argv):
         else:
             as_pytorch_runs()
             import torch
-            print('# PyTorch %s, %d threads, device %s' % (torch.__version__, os.cpu_count(), torch_device))
+            print('# PyTorch %s, %d threads, device %s, %s' % (
+                torch.__version__, os.cpu_count(), torch_device, 'one CUDA graph a step' if torch_mode == 'graph'
+                else 'eager'))
         for config in configs:
-            seconds = measure(opts['only'], config, batches, repeats, torch_device, conv) * CONFIGS[config].NL / BATCH
+            seconds = measure(opts['only'], config, batches, repeats, torch_device, conv,
+                              torch_mode) * CONFIGS[config].NL / BATCH
             print('%-12s %s %.3f' % (config, opts['only'], seconds), flush=True)
         return
     import runlog

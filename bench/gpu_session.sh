@@ -12,7 +12,7 @@
 # device call brings back at most 8 files of $OUT, 16 MiB each, 64 MiB in all):
 #   check             nvidia-smi, lscpu, the layer and gradient tests on the GPU (against numpy)
 #   gpu-default       `time` of the published run, compile cache cold
-#   bench             seconds per training epoch: Theano (conv im2col and conv2d) and PyTorch
+#   bench             seconds per training epoch: Theano (conv im2col and conv2d) and the PyTorch twin, eager and as one CUDA graph a step
 #                     (the machine's own python3) on the same GPU, default and 64-overlap
 #   profile           Theano's profile of the default training step on the GPU
 #   cpu-default       the published run on this machine's CPU (device=cpu; machine.py picks the BLAS)
@@ -100,8 +100,10 @@ step() {
           --configs=default,64-overlap --batches=100 --repeats=3
       done
       if python3 -c 'import torch; assert torch.cuda.is_available()'; then
-        python3 bench/bench_train.py --only=pytorch --torch-device=cuda \
-          --configs=default,64-overlap --batches=100 --repeats=3
+        for mode in eager graph; do
+          python3 bench/bench_train.py --only=pytorch --torch-device=cuda --torch-mode=$mode \
+            --configs=default,64-overlap --batches=100 --repeats=3
+        done
       else
         echo 'no PyTorch with CUDA in the machine python3: no twin'
       fi ;;

@@ -40,6 +40,13 @@ def test_anything_else_stops_with_one_line_and_the_remedy(argv, message):
     assert stop.value.code == 'error: ' + (argv[-1] + ': ' + message if message.startswith('arguments') else message)
 
 
+@pytest.mark.parametrize('argv', [['--torch-mode=graph'], ['--torch-mode=compiled', '--torch-device=cuda']])
+def test_the_twin_as_a_cuda_graph_is_asked_for_on_the_gpu_only(argv):
+    with pytest.raises(SystemExit) as stop:
+        bench_train.main(['--only=pytorch'] + argv)
+    assert stop.value.code == 'error: %s: needs eager, or graph with --torch-device=cuda' % argv[0]
+
+
 @pytest.mark.parametrize('config', sorted(bench_train.CONFIGS))
 def test_each_configuration_is_its_drivers_network_and_settings(config):
     """What bench_train times and the twin computes is what bench_run's driver command runs."""
