@@ -75,10 +75,14 @@ git ls-files -z | (cd . && xargs -0 cp --parents -t "$repo")
 # emulated, numpy's ZCA fit alone ran for over a quarter of an hour: the one fitted here is taken
 [ $emulated -eq 0 ] || [ ! -d "$DATA/cache" ] || cp -r "$DATA/cache" "$repo/data/"
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf" 2>/dev/null || true
-# this machine's network goes through its own certificate authority: the root gets the same bundle
+# this machine's network may go through its own certificate authority: the root gets the same
+# bundle, and the same authorities for its ca-certificates (installed with python3) to keep
 for bundle in "${PIP_CERT:-}" "${SSL_CERT_FILE:-}"; do
   [ -n "$bundle" ] && [ -f "$bundle" ] && mkdir -p "$ROOTFS$(dirname "$bundle")" && cp "$bundle" "$ROOTFS$bundle"
 done
+if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+  mkdir -p "$ROOTFS/usr/local/share/ca-certificates" && cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/"
+fi
 for fs in proc sys dev; do mount --bind "/$fs" "$ROOTFS/$fs"; done
 trap 'for fs in dev sys proc; do umount -l "$ROOTFS/$fs"; done' EXIT
 in_root() { HOME=/home/user/home chroot "$ROOTFS" /bin/bash -lc "$1"; }
@@ -87,7 +91,8 @@ in_root() { HOME=/home/user/home chroot "$ROOTFS" /bin/bash -lc "$1"; }
 # setup.sh brings its Python 3.11); CI's machines have a python3 and its venv
 want=(); [ $release = trixie ] || want+=(python3); [ $suite != ci ] || want+=(python3 python3-venv git)
 if [ ${#want[@]} -gt 0 ] && [ $carried -eq 0 ]; then
-  in_root "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${want[*]} >/dev/null"
+  in_root "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${want[*]} >/dev/null &&
+           { ! command -v update-ca-certificates >/dev/null || update-ca-certificates >/dev/null; }"
 fi
 rm -rf "$ROOTFS/home/user/home" && mkdir -p "$ROOTFS/home/user/home"     # an empty HOME: no compile cache
 echo "== $(. "$ROOTFS/etc/os-release"; echo "$PRETTY_NAME"); python3: $(in_root 'command -v python3 && python3 -V || echo none' | tr '\n' ' ')"
