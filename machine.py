@@ -541,7 +541,16 @@ def device_description():
             model = re.search(r'model name\s*:\s*(.*)', f.read()).group(1)
     except (OSError, AttributeError):
         pass
-    return 'cpu: %s, %d cores' % (model, os.cpu_count())
+    return 'cpu: %s, %d cores%s' % (model, os.cpu_count(), vector_instructions())
+
+
+def vector_instructions():
+    """', AVX-512' or ', AVX2' (or ', no AVX2') on x86: CPUs of one model name differ in them,
+    and the C code and the BLAS kernels with them; '' elsewhere."""
+    if not openblas.is_x86():
+        return ''
+    flags = openblas.cpu_flags()
+    return ', ' + ('AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2')
 
 
 def gpu_stack_description():

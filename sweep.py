@@ -1,7 +1,7 @@
 """Reproduce the published experiment table: run the configurations, then tabulate and plot them.
 
     python sweep.py run [--only=1,2,6] [--again] [--nepoch=50] [-- any --name=value for the driver]
-    python sweep.py table                 # RESULTS.md + results/*.png from runs/results.jsonl
+    python sweep.py table                 # RESULTS.md, docs/history.md, results/*.png from runs/results.jsonl
 
 `run` starts each configuration as its own `python cifar10_convnet.py --name=value ...`
 process (the device comes from THEANO_FLAGS, as always) and skips those already
@@ -27,7 +27,8 @@ import download
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'runs', 'results.jsonl')
-PAGE = os.path.join(HERE, 'RESULTS.md')
+PAGE = os.path.join(HERE, 'RESULTS.md')              # the newest run of each configuration, the pictures
+HISTORY = os.path.join(HERE, 'docs', 'history.md')    # every run
 PICTURES = os.path.join(HERE, 'results')
 
 # number, description, overrides of cifar10_convnet.py, published (CPU, Tesla K20c) test % and wall-clock
@@ -94,7 +95,7 @@ def runs_config(record, config_overrides, base):
 
 def ran_here(record, config_overrides, base, device, data_fingerprint):
     """A run of this configuration on this device and these data, whatever its status."""
-    return (runs_config(record, config_overrides, base) and record.get('device') == device
+    return (runs_config(record, config_overrides, base) and device_label(record) == device
             and record.get('data_fingerprint') == data_fingerprint)
 
 
@@ -247,7 +248,23 @@ def total(r):
 
 
 def data_label(r):
-    return '%s %s' % (r.get('data_fingerprint', '')[:8] or '-', r['settings'].get('datanote') or r.get('data_dir', ''))
+    """The data's fingerprint and the run's own description of them (never a machine's folder)."""
+    return '%s %s' % (r.get('data_fingerprint', '')[:8] or '-', r['settings'].get('datanote') or '')
+
+
+VECTOR_KERNELS = {'SkylakeX': 'AVX-512', 'Cooperlake': 'AVX-512', 'SapphireRapids': 'AVX-512',
+                  'Haswell': 'AVX2', 'Zen': 'AVX2'}
+
+
+def device_label(r):
+    """The record's device; for a CPU recorded without its vector instructions (older records),
+    those its OpenBLAS kernels used, so that an AVX-512 and an AVX2 machine of one name differ."""
+    device = r.get('device', '')
+    if not device.startswith('cpu:') or re.search(r'AVX|NEON|SVE|no SIMD', device):
+        return device
+    kernels = re.findall(r' (\w+)(?:,|$| \()', r.get('blas', '').split('kernels:')[-1])
+    isa = next((VECTOR_KERNELS[k] for k in kernels if k in VECTOR_KERNELS), None)
+    return '%s, %s' % (device, isa) if isa else device
 
 
 RUN_COLUMNS = ('our test %', 'data s', 'compile s', 'train s', 'total', 'device', 'BLAS', 'date', 'data')
@@ -262,7 +279,7 @@ def run_columns(r, full=True):
     """A run's columns, RUN_COLUMNS (full=False: without WHERE_COLUMNS)."""
     s = r['seconds']
     values = dict(zip(RUN_COLUMNS, ['**%.2f**' % r['test'][1], '%.1f' % s['data'], '%.1f' % s['compile'],
-                                    '%.1f' % s['train'], total(r), r['device'], r.get('blas', '').split(' (')[0],
+                                    '%.1f' % s['train'], total(r), device_label(r), r.get('blas', '').split(' (')[0],
                                     r['date'][:10], data_label(r)]))
     return ' | '.join(values[name] for name in run_column_names(full)) + ' |'
 
@@ -287,20 +304,20 @@ def table(records, base):
     completed = [(config_of(r, base), r) for r in records
                  if r.get('status') == 'completed' and r.get('script') == 'cifar10_convnet']
     done = sorted(((entry, r) for entry, r in completed if entry), key=lambda d: (d[0][0], d[1]['date']))
-    newest = {(entry[0], r['device']): (entry, r) for entry, r in done}      # later runs overwrite
+    newest = {(entry[0], device_label(r)): (entry, r) for entry, r in done}      # later runs overwrite
     summary = (['The newest run of each published configuration on each device (every run, with its BLAS and'
-                ' data: further down):', ''] + config_header(full=False)
+                ' data: [docs/history.md](docs/history.md)):', ''] + config_header(full=False)
                + [config_row(entry, r, full=False) for entry, r in
-                  sorted(newest.values(), key=lambda d: (d[0][0], d[1]['device']))])
-    every = ['Every run of the published configurations, oldest first (the code, the VM and the BLAS'
-             ' kernels changed between them: see the notes above the table):', ''] + config_header()
+                  sorted(newest.values(), key=lambda d: (d[0][0], device_label(d[1])))])
+    every = ['Every run of the published configurations, oldest first (the code, the machine and the BLAS'
+             ' kernels changed between them: see the steps below):', ''] + config_header()
     every += [config_row(entry, r) for entry, r in done]
     others = [r for entry, r in completed if not entry]
     if others:
         every += (['', 'Other runs (each differs from a published configuration as shown):', '']
                   + header(['differs in', 'test %', 'total', 'device', 'date', 'data']))
         every += ['| %s | %.2f | %s | %s | %s | %s |' % (differences(r, base), r['test'][1],
-                                                       total(r), r['device'], r['date'][:10],
+                                                       total(r), device_label(r), r['date'][:10],
                                                        data_label(r)) for r in others]
     return summary + mnist_rows(records), every, done
 
@@ -319,6 +336,9 @@ def mnist_rows(records):
     rows += ['| %s | %s' % (', '.join('%s=%s' % (k, json.dumps(r['settings'][k])) for k in MNIST_SETTINGS
                                       if k in r['settings']), run_columns(r)) for r in runs]
     return rows
+
+
+PICTURE_NAMES = ('learning_curves.png', 'filters_default.png')
 
 
 def pictures(done):
@@ -375,16 +395,28 @@ TABLE_START = '<!-- table: written by python sweep.py table -->'
 TABLE_END = '<!-- end of table -->'
 
 
-def filled(page, summary, every, images):
-    """The page's text with its generated part (between TABLE_START and TABLE_END) replaced: the
-    summary, the pictures, every run; the hand-written text around it kept."""
+def filled(page, generated, name=PAGE):
+    """The page's text with its generated part (between TABLE_START and TABLE_END) replaced by the
+    lines `generated`; the hand-written text around it kept."""
     if TABLE_START not in page or TABLE_END not in page:
-        sys.exit('# %s lost its markers %s and %s: put them back where the table goes' % (PAGE, TABLE_START, TABLE_END))
+        sys.exit('# %s lost its markers %s and %s: put them back where the table goes' % (name, TABLE_START, TABLE_END))
     head, rest = page.split(TABLE_START, 1)
+    return head + TABLE_START + '\n' + '\n'.join(generated) + '\n' + TABLE_END + rest.split(TABLE_END, 1)[1]
+
+
+def with_pictures(summary, images):
     lines = summary + ['']
     for n in images:
         lines += ['![%s](results/%s)' % (n[:-4].replace('_', ' '), n), '']
-    return head + TABLE_START + '\n' + '\n'.join(lines + every) + '\n' + TABLE_END + rest.split(TABLE_END, 1)[1]
+    return lines[:-1]
+
+
+def rewrite(path, generated, title):
+    page = open(path).read() if os.path.exists(path) else '# %s\n\n%s\n%s\n' % (title, TABLE_START, TABLE_END)
+    page = filled(page, generated, path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+        f.write(page)
 
 
 def write_page(argv):
@@ -396,14 +428,12 @@ def write_page(argv):
     summary, every, done = table(records, base)
     try:
         images = pictures(done) if done else []
-    except ImportError:
-        images = []
-        print('# no matplotlib: table only (pip install -r requirements-plot.txt)')
-    page = open(PAGE).read() if os.path.exists(PAGE) else '# Results\n\n%s\n%s\n' % (TABLE_START, TABLE_END)
-    page = filled(page, summary, every, images)
-    with open(PAGE, 'w') as f:
-        f.write(page)
-    print('# wrote %s (%d runs)%s' % (PAGE, len(done), ''.join(' and results/' + n for n in images)))
+    except ImportError:     # the pictures already drawn stay on the page, as they are
+        images = [n for n in PICTURE_NAMES if os.path.exists(os.path.join(PICTURES, n))]
+        print('# no matplotlib: the tables only, results/*.png kept as they were (pip install -r requirements-plot.txt)')
+    rewrite(PAGE, with_pictures(summary, images), 'Results')
+    rewrite(HISTORY, every, 'History')
+    print('# wrote %s and %s (%d runs)%s' % (PAGE, HISTORY, len(done), ''.join(' and results/' + n for n in images)))
 
 
 if __name__ == '__main__':

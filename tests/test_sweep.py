@@ -9,7 +9,7 @@ BASE = {'W1dim': [16, 5, 5], 'ds1': [4, 4], 'st1': None, 'H2': 1000, 'H3': None,
 DATA = 'f' * 40
 
 
-def record(status='completed', device='cpu: X', sizes=None, data=DATA, **settings):
+def record(status='completed', device='cpu: X, AVX-512', sizes=None, data=DATA, **settings):
     return {'script': 'cifar10_convnet', 'status': status, 'device': device,
             'settings': dict(BASE, **settings), 'test': [1.0, 70.0], 'date': '2026-11-28T08:00:00',
             'blas': '-lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake',
@@ -60,16 +60,16 @@ def test_only_takes_the_published_configurations_numbers():
 def test_resume_skips_only_completed_runs_of_the_same_settings_device_and_data():
     overrides = sweep.CONFIGS[1][2]                           # 64 filters
     done = record(W1dim=[64, 5, 5])
-    assert sweep.matches(done, overrides, BASE, 'cpu: X', DATA)
+    assert sweep.matches(done, overrides, BASE, 'cpu: X, AVX-512', DATA)
     assert sweep.matches(dict(done, settings=dict(done['settings'], datanote='other', outdir='x')),
-                         overrides, BASE, 'cpu: X', DATA)          # labels and paths do not count
+                         overrides, BASE, 'cpu: X, AVX-512', DATA)          # labels and paths do not count
     assert not sweep.matches(done, overrides, BASE, 'cuda: H100', DATA)
-    assert not sweep.matches(done, overrides, BASE, 'cpu: X', 'e' * 40)   # other data: run it
-    assert not sweep.matches(record(status='interrupted', W1dim=[64, 5, 5]), overrides, BASE, 'cpu: X', DATA)
-    assert not sweep.matches(done, overrides, dict(BASE, nepoch=5), 'cpu: X', DATA)
-    plan = sweep.to_run({1, 2}, False, BASE, 'cpu: X', DATA, [done])
+    assert not sweep.matches(done, overrides, BASE, 'cpu: X, AVX-512', 'e' * 40)   # other data: run it
+    assert not sweep.matches(record(status='interrupted', W1dim=[64, 5, 5]), overrides, BASE, 'cpu: X, AVX-512', DATA)
+    assert not sweep.matches(done, overrides, dict(BASE, nepoch=5), 'cpu: X, AVX-512', DATA)
+    plan = sweep.to_run({1, 2}, False, BASE, 'cpu: X, AVX-512', DATA, [done])
     assert [(entry[0], recorded, stopped) for entry, recorded, stopped in plan] == [(1, False, None), (2, True, None)]
-    plan = sweep.to_run({2}, True, BASE, 'cpu: X', DATA, [done])      # --again
+    plan = sweep.to_run({2}, True, BASE, 'cpu: X, AVX-512', DATA, [done])      # --again
     assert [(entry[0], recorded) for entry, recorded, stopped in plan] == [(2, False)]
 
 
@@ -78,7 +78,7 @@ def test_a_configuration_whose_last_run_stopped_goes_on_from_its_file(tmp_path):
     (tmp_path / 'stopped.npz').write_bytes(b'')
 
     def stopped(*records):
-        return [s for entry, recorded, s in sweep.to_run({1}, False, BASE, 'cpu: X', DATA, list(records), results)]
+        return [s for entry, recorded, s in sweep.to_run({1}, False, BASE, 'cpu: X, AVX-512', DATA, list(records), results)]
     interrupted = dict(record(status='interrupted'), params='stopped.npz', position={'epoch': 7})
     assert stopped(record(), interrupted) == [str(tmp_path / 'stopped.npz')]
     assert stopped(interrupted, record()) == [None]                     # a later run finished
@@ -93,15 +93,15 @@ def test_table_lists_completed_runs_beside_the_published_numbers():
     assert summary[2] == ('| # | configuration | published CPU | published Tesla K20c | our test % | data s | '
                           'compile s | train s | total | device | date |')
     assert summary[4] == ('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** | 1.0 | '
-                          '2.0 | 300.0 | 5m03s | cpu: X | 2026-11-28 |')
+                          '2.0 | 300.0 | 5m03s | cpu: X, AVX-512 | 2026-11-28 |')
     assert summary[5].startswith('| 2 | 64 filters | - | 75.92% 13m01s | **70.00** |')
     assert every[2].endswith('| total | device | BLAS | date | data |') and set(every[3]) == {'|', '-'}
     assert every[4] == ('| 1 | 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | **70.00** | 1.0 | '
-                        '2.0 | 300.0 | 5m03s | cpu: X | -lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | '
+                        '2.0 | 300.0 | 5m03s | cpu: X, AVX-512 | -lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | '
                         '2026-11-28 | ffffffff rebuilt |')
     assert every[3].count('---') == every[2].count('|') - 1 and summary[3].count('---') == summary[2].count('|') - 1
     resumed = dict(record(resume='/runs/stopped.npz'), resumed={'epoch': 20, 'train_seconds': 100.0})
-    assert '| 5m03s (resumed) | cpu: X |' in sweep.table([resumed], BASE)[0][4]   # its last process's time only
+    assert '| 5m03s (resumed) | cpu: X, AVX-512 |' in sweep.table([resumed], BASE)[0][4]   # its last process's time only
 
 
 def test_the_summary_holds_each_configurations_newest_run_on_each_device():
@@ -111,18 +111,52 @@ def test_the_summary_holds_each_configurations_newest_run_on_each_device():
             W1dim=[64, 5, 5]), dict(run('2026-11-27T09:00:00', 73.0), device='cuda: H200')]
     summary, every, done = sweep.table(runs, BASE)
     shown = [(row.split(' | ')[0], row.split(' | ')[4], row.split(' | ')[9]) for row in summary[4:]]
-    assert shown == [('| 1', '**71.00**', 'cpu: X'), ('| 1', '**73.00**', 'cuda: H200'), ('| 2', '**72.00**', 'cpu: X')]
+    assert shown == [('| 1', '**71.00**', 'cpu: X, AVX-512'), ('| 1', '**73.00**', 'cuda: H200'), ('| 2', '**72.00**', 'cpu: X, AVX-512')]
     assert [row.split(' | ')[4] for row in every[4:]] == ['**73.00**', '**70.00**', '**71.00**', '**72.00**']
 
 
 def test_the_page_keeps_its_text_around_the_generated_part():
     page = 'head\n%s\nold table\n%s\ntail\n' % (sweep.TABLE_START, sweep.TABLE_END)
-    new = sweep.filled(page, ['summary'], ['every'], ['learning_curves.png'])
-    assert new == ('head\n%s\nsummary\n\n![learning curves](results/learning_curves.png)\n\nevery\n%s\ntail\n'
+    new = sweep.filled(page, sweep.with_pictures(['summary'], ['learning_curves.png']))
+    assert new == ('head\n%s\nsummary\n\n![learning curves](results/learning_curves.png)\n%s\ntail\n'
                    % (sweep.TABLE_START, sweep.TABLE_END))
-    assert sweep.filled(new, ['summary'], ['every'], ['learning_curves.png']) == new
+    assert sweep.filled(new, sweep.with_pictures(['summary'], ['learning_curves.png'])) == new
     with pytest.raises(SystemExit, match='markers'):
-        sweep.filled('head\n' + sweep.TABLE_START + '\n', [], [], [])
+        sweep.filled('head\n' + sweep.TABLE_START + '\n', [])
+
+
+def test_the_table_goes_to_the_results_page_and_every_run_to_the_history(tmp_path, monkeypatch):
+    """Without matplotlib the pictures already drawn stay on the page."""
+    import builtins
+    import json
+    page, history, pictures = tmp_path / 'RESULTS.md', tmp_path / 'docs' / 'history.md', tmp_path / 'results'
+    page.write_text('notes\n%s\n%s\nreading\n' % (sweep.TABLE_START, sweep.TABLE_END))
+    pictures.mkdir()
+    (pictures / 'learning_curves.png').write_bytes(b'png')
+    (tmp_path / 'results.jsonl').write_text(json.dumps(dict(record(), device='cpu: AMD EPYC, 2 cores')) + '\n')
+    for name, value in (('PAGE', str(page)), ('HISTORY', str(history)), ('PICTURES', str(pictures))):
+        monkeypatch.setattr(sweep, name, value)
+    monkeypatch.setattr(sweep, 'driver_defaults', lambda argv: (dict(BASE, outdir=str(tmp_path)), 'cpu: X'))
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, '__import__', lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith('matplotlib') else real_import(name, *a, **k))
+    sweep.write_page([])
+    text = page.read_text()
+    assert text.startswith('notes\n') and text.endswith('\nreading\n')
+    assert '![learning curves](results/learning_curves.png)' in text and 'Every run' not in text
+    assert '| cpu: AMD EPYC, 2 cores, AVX-512 | 2026-11-28 |' in text       # told from an AVX2 one
+    assert 'Every run of the published configurations' in history.read_text()
+    assert '| ffffffff rebuilt |' in history.read_text()                     # the data's own description
+
+
+@pytest.mark.parametrize('device, blas, label', [
+    ('cpu: AMD EPYC, 2 cores', 'system 0.3.21 SkylakeX, numpy\'s 0.3.20 SkylakeX (OPENBLAS_CORETYPE=SkylakeX)',
+     'cpu: AMD EPYC, 2 cores, AVX-512'),
+    ('cpu: AMD EPYC, 2 cores', 'system 0.3.21 Haswell', 'cpu: AMD EPYC, 2 cores, AVX2'),
+    ('cpu: AMD EPYC, 2 cores, AVX2', 'system 0.3.21 SkylakeX', 'cpu: AMD EPYC, 2 cores, AVX2'),
+    ('NVIDIA H200 (cuda)', 'system 0.3.26 SkylakeX', 'NVIDIA H200 (cuda)')])
+def test_older_cpu_records_are_told_apart_by_their_kernels(device, blas, label):
+    assert sweep.device_label({'device': device, 'blas': '-lopenblas; OpenBLAS kernels: ' + blas}) == label
 
 
 def test_mnist_runs_have_their_own_table():
@@ -132,7 +166,7 @@ def test_mnist_runs_have_their_own_table():
     assert done == [(sweep.CONFIGS[0], record())]
     mnist_rows = summary[summary.index('| settings | our test % | data s | compile s | train s | total | device | BLAS'
                                        ' | date | data |') + 2:]
-    assert mnist_rows == ['| H1=1000, H2=null, eta=0.1 | **70.00** | 1.0 | 2.0 | 300.0 | 5m03s | cpu: X | '
+    assert mnist_rows == ['| H1=1000, H2=null, eta=0.1 | **70.00** | 1.0 | 2.0 | 300.0 | 5m03s | cpu: X, AVX-512 | '
                           '-lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | 2026-11-28 | ffffffff  |']
     assert sweep.table([record()], BASE)[0] == summary[:-6]        # no MNIST runs: no MNIST table
 
@@ -157,12 +191,12 @@ def test_a_killed_runs_checkpoint_is_found_by_its_settings(tmp_path):
 
     def checkpoint(pid, **settings):
         path = tmp_path / ('cifar10_convnet-20261129-120000-%d.checkpoint.npz' % pid)
-        np.savez(path, settings=json.dumps(dict(BASE, status='checkpoint', position={'epoch': 11}, device='cpu: X',
+        np.savez(path, settings=json.dumps(dict(BASE, status='checkpoint', position={'epoch': 11}, device='cpu: X, AVX-512',
                                                 data_fingerprint=DATA, **settings)))
         return str(path)
 
     def stopped(*records):
-        return [s for entry, recorded, s in sweep.to_run({1, 2}, False, BASE, 'cpu: X', DATA, list(records), results)]
+        return [s for entry, recorded, s in sweep.to_run({1, 2}, False, BASE, 'cpu: X, AVX-512', DATA, list(records), results)]
     killed = checkpoint(gone.pid)
     assert stopped() == [killed, None]                          # configuration 1's, not 2's
     (tmp_path / ('cifar10_convnet-20261129-130000-%d.checkpoint.npz' % gone.pid)).write_bytes(b'PK\x03\x04 cut')
@@ -182,7 +216,7 @@ def test_table_without_records_leaves_the_page_alone(tmp_path, monkeypatch):
     page = tmp_path / 'RESULTS.md'
     page.write_text('head\n%s\nthe table\n%s\ntail\n' % (sweep.TABLE_START, sweep.TABLE_END))
     monkeypatch.setattr(sweep, 'PAGE', str(page))
-    monkeypatch.setattr(sweep, 'driver_defaults', lambda argv: (dict(BASE, outdir=str(tmp_path)), 'cpu: X'))
+    monkeypatch.setattr(sweep, 'driver_defaults', lambda argv: (dict(BASE, outdir=str(tmp_path)), 'cpu: X, AVX-512'))
     with pytest.raises(SystemExit, match='no records in .*results.jsonl: .* left as it is'):
         sweep.write_page([])
     assert 'the table' in page.read_text()
