@@ -470,7 +470,7 @@ class PooledFilterGrad(_Pooling):
         return theano.Apply(self, [x, c, z, gz], [T.TensorType(x.dtype, (False,) * 4)()])
 
     def c_code_cache_version(self):        # raise it with any change to the C code
-        return ('pooled-filter-grad', 18, self.openmp)     # 16, 17 and 99: experiments of earlier sessions
+        return ('pooled-filter-grad', 18, self.openmp)     # 16, 17 and 99 were used by trial builds
 
     def infer_shape(self, node, shapes):
         (n, C, H, W), (n, F, Hc, Wc) = shapes[:2]

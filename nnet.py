@@ -183,9 +183,9 @@ class TrainingDiverged(Exception):
 
 # The evaluation passes (the log's L, V and T columns) take no gradient, so they run in larger
 # minibatches than training: fewer, larger products.  Per 100 rows on the AMD EPYC of RESULTS.md,
-# minibatches of 100 against 500 (the session that added BiasReLU): the default network 2.35
+# minibatches of 100 against 500 (measured when BiasReLU came): the default network 2.35
 # against 2.46 ms, 64 filters 9.56 against 8.76, 64 with overlapping pooling 19.12 against 17.40:
-# 500 for the larger networks, where the time is.  1000 gained little more (a session before) at
+# 500 for the larger networks, where the time is.  1000 gained little more at
 # twice the memory (the conv output of 1000 images of 256 maps: 800 MB).
 EVAL_ROWS = 500
 

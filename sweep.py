@@ -248,7 +248,7 @@ def total(r):
 
 
 def data_label(r):
-    """The data's fingerprint and the run's own description of them (never a machine's folder)."""
+    """The data's fingerprint and the description a run of them was given (never a machine's folder)."""
     return '%s %s' % (r.get('data_fingerprint', '')[:8] or '-', r['settings'].get('datanote') or '')
 
 
@@ -301,6 +301,10 @@ def table(records, base):
     """The page's generated part in two: the newest run of each published configuration on each
     device (and the MNIST runs); every run of them and the other runs, oldest first.  Also the
     published configurations' runs as (entry, record), oldest first."""
+    notes = {r.get('data_fingerprint'): r['settings'].get('datanote') for r in records
+             if r.get('data_fingerprint') and r.get('settings', {}).get('datanote')}
+    records = [dict(r, settings=dict(r['settings'], datanote=notes[r['data_fingerprint']]))
+               if not r['settings'].get('datanote') and r.get('data_fingerprint') in notes else r for r in records]
     completed = [(config_of(r, base), r) for r in records
                  if r.get('status') == 'completed' and r.get('script') == 'cifar10_convnet']
     done = sorted(((entry, r) for entry, r in completed if entry), key=lambda d: (d[0][0], d[1]['date']))

@@ -3,7 +3,7 @@
     python bench/bench_data.py [DATADIR]
 
 Uses the batches in DATADIR/cifar-10-batches-py (default: the scripts' data folder)
-through a temporary data folder, so the real cache is left alone.  Targets (issue 2):
+through a temporary data folder, so the real cache is left alone.  Targets:
 cold at most 10 s, warm at most 2 s on a 2-core machine.
 """
 import os

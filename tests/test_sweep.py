@@ -167,7 +167,8 @@ def test_mnist_runs_have_their_own_table():
     mnist_rows = summary[summary.index('| settings | our test % | data s | compile s | train s | total | device | BLAS'
                                        ' | date | data |') + 2:]
     assert mnist_rows == ['| H1=1000, H2=null, eta=0.1 | **70.00** | 1.0 | 2.0 | 300.0 | 5m03s | cpu: X, AVX-512 | '
-                          '-lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | 2026-11-28 | ffffffff  |']
+                          '-lopenblas; OpenBLAS kernels: system 0.3.21 Cooperlake | 2026-11-28 | ffffffff rebuilt |']
+    # (recorded without a note, it takes the note of the other runs on the same data)
     assert sweep.table([record()], BASE)[0] == summary[:-6]        # no MNIST runs: no MNIST table
 
 
