@@ -365,3 +365,16 @@ def test_memory_used_names_the_gpus_memory_in_use_on_the_gpu(monkeypatch):
     monkeypatch.setattr(theano.gpuarray.type, 'get_context',
                         lambda name: types.SimpleNamespace(total_gmem=141 * 2 ** 30, free_gmem=139 * 2 ** 30))
     assert machine.memory_used()['gpu_in_use'] == 2048
+
+
+@pytest.mark.skipif(os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, '.venv')),
+                    reason="runs setup.sh on this project's own .venv, which this Python is not")
+def test_setup_says_ready_only_when_the_venv_imports_what_it_set_up(tmp_path):
+    """It said `ready` with nothing after it on a .venv whose pygpu did not import."""
+    (tmp_path / 'theano').mkdir()
+    (tmp_path / 'theano' / '__init__.py').write_text('raise ImportError("libpython3.11.so.1.0: cannot open")\n')
+    out = subprocess.run(['bash', 'setup.sh'], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert out.returncode == 1 and 'ready:' not in out.stdout
+    assert out.stderr.strip().splitlines()[-1] == ('setup.sh: NOT ready: .venv/bin/python cannot do what was asked: '
+                                                   'ImportError: libpython3.11.so.1.0: cannot open')
