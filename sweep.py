@@ -1,7 +1,7 @@
 """Reproduce the published experiment table: run the configurations, then tabulate and plot them.
 
     python sweep.py run [--only=1,2,6] [--again] [--nepoch=50] [-- any --name=value for the driver]
-    python sweep.py table                 # RESULTS.md, docs/history.md, results/*.png from runs/results.jsonl
+    python sweep.py table                 # RESULTS.md, docs/history.md, README's table, results/*.png
 
 `run` starts each configuration as its own `python cifar10_convnet.py --name=value ...`
 process (the device comes from THEANO_FLAGS, as always) and skips those already
@@ -29,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, 'runs', 'results.jsonl')
 PAGE = os.path.join(HERE, 'RESULTS.md')              # the newest run of each configuration, the pictures
 HISTORY = os.path.join(HERE, 'docs', 'history.md')    # every run
+FRONT = os.path.join(HERE, 'README.md')               # the results at a glance
 PICTURES = os.path.join(HERE, 'results')
 
 # number, description, overrides of cifar10_convnet.py, published (CPU, Tesla K20c) test % and wall-clock
@@ -326,6 +327,26 @@ def table(records, base):
     return summary + mnist_rows(records), every, done
 
 
+def glance(done):
+    """The README's table: the published figures beside our newest run of each configuration on
+    a CPU and on a GPU, test accuracy and the whole run's time."""
+    newest = {}
+    for entry, r in done:                       # in (number, date) order: later runs overwrite
+        newest[entry[0], 'GPU' if r['device'].startswith(('cuda', 'NVIDIA')) or '(cuda' in r['device'] else 'CPU'] = r
+    devices = {kind: sorted({device_label(r) for (n, k), r in newest.items() if k == kind}) for kind in ('CPU', 'GPU')}
+
+    def cell(number, kind):
+        r = newest.get((number, kind))
+        if not r:
+            return ''
+        seconds = r['seconds']['total']
+        return '%.2f%% %s' % (r['test'][1], '%d s' % round(seconds) if seconds < 60 else minutes(seconds))
+    rows = header(['configuration', 'published CPU (6 cores)', 'published Tesla K20c', 'ours, CPU', 'ours, GPU'])
+    rows += ['| %d. %s | %s | %s | %s | %s |' % (entry[0], entry[1], entry[3][0], entry[3][1], cell(entry[0], 'CPU'),
+                                              cell(entry[0], 'GPU')) for entry in CONFIGS]
+    return rows + ['', 'Ours on %s.' % ' and '.join('; '.join(d) for d in devices.values() if d)]
+
+
 MNIST_SETTINGS = ('H1', 'H2', 'eta', 'mu', 'lam', 'batchsize', 'nepoch', 'Wstd', 'seed')
 
 
@@ -437,7 +458,10 @@ def write_page(argv):
         print('# no matplotlib: the tables only, results/*.png kept as they were (pip install -r requirements-plot.txt)')
     rewrite(PAGE, with_pictures(summary, images), 'Results')
     rewrite(HISTORY, every, 'History')
-    print('# wrote %s and %s (%d runs)%s' % (PAGE, HISTORY, len(done), ''.join(' and results/' + n for n in images)))
+    if os.path.exists(FRONT):
+        rewrite(FRONT, glance(done), 'README')
+    print('# wrote %s, %s and %s (%d runs)%s' % (PAGE, HISTORY, FRONT, len(done),
+                                               ''.join(' and results/' + n for n in images)))
 
 
 if __name__ == '__main__':

@@ -221,3 +221,13 @@ def test_table_without_records_leaves_the_page_alone(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match='no records in .*results.jsonl: .* left as it is'):
         sweep.write_page([])
     assert 'the table' in page.read_text()
+
+
+def test_the_readme_table_puts_the_newest_cpu_and_gpu_runs_beside_the_published_figures():
+    gpu = dict(record(), device='NVIDIA H200 (cuda)', test=[1.0, 70.8], date='2026-11-29T09:00:00',
+               seconds={'data': 1, 'compile': 2, 'train': 10, 'total': 23.2})
+    older = dict(record(), test=[1.0, 69.0], date='2026-11-27T09:00:00')
+    rows = sweep.glance(sweep.table([older, record(), gpu], BASE)[2])
+    assert rows[2] == '| 1. 16 filters (the default run) | 73.69% 61m45s | 73.85% 10m19s | 70.00% 5m03s | 70.80% 23 s |'
+    assert rows[3].endswith('| 75.92% 13m01s |  |  |')
+    assert rows[-1] == 'Ours on cpu: X, AVX-512 and NVIDIA H200 (cuda).'
