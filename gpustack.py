@@ -134,6 +134,14 @@ def problems(environ=os.environ):
     return said
 
 
+def origin(found):
+    """Where the NVRTC and cuBLAS found come from, for the log."""
+    ours = all(found[name] and found[name].startswith(sys.prefix + os.sep) for name in ('libnvrtc.so', 'libcublas.so'))
+    return ("NVRTC and cuBLAS from NVIDIA's wheels in this venv" if ours else
+            "NVRTC and cuBLAS from this machine, not from wheels in this venv (CUDA_HOME, or a set-up carried "
+            "without them)")
+
+
 def summary():
     """setup.sh --gpu's last words: pygpu's version and the NVRTC and cuBLAS files device=cuda will take."""
     import pygpu

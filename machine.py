@@ -129,7 +129,7 @@ def require_gpu_stack(device, environ):
     """device=cuda: stop with one line where pygpu does not import or a CUDA library is missing
     (Theano would log a traceback and fall back to the CPU); else link the CUDA libraries found
     now (a toolkit in CUDA_HOME, the driver of the machine a set-up was carried to) under the
-    names libgpuarray opens."""
+    names libgpuarray opens, and say for the log where NVRTC and cuBLAS come from."""
     def refuse(cause):
         sys.exit('error: THEANO_FLAGS asks for %s, but %s' % (device, cause))
     if importlib.util.find_spec('pygpu') is None:
@@ -141,11 +141,13 @@ def require_gpu_stack(device, environ):
     problems = gpustack.problems(environ)
     if problems:
         refuse('; '.join(problems))
+    found = gpustack.find_cuda_libraries(gpustack.cuda_folders(environ))
     try:            # where libgpuarray's rpath leads its dlopen of the CUDA libraries
-        gpustack.link_cuda_libraries(gpustack.links_folder(), gpustack.find_cuda_libraries(gpustack.cuda_folders(environ)))
+        gpustack.link_cuda_libraries(gpustack.links_folder(), found)
     except OSError:
         pass        # a venv this user cannot write: the links setup.sh --gpu made serve
     logging.getLogger('theano.gpuarray').addFilter(without_traceback)
+    return gpustack.origin(found)
 
 
 def without_traceback(record):
@@ -321,8 +323,9 @@ def set_up(environ=os.environ):
         notes.append('gcc.cxxflags: -I %s, -L and -rpath %s (this Python lives in %s, not where it '
                      'was built to live)' % (relocated + (sys.base_prefix,)))
     if user.get('device', '').startswith('cuda'):
-        require_gpu_stack(user['device'], environ)
-        notes.append('GPU back end: pygpu %s, libgpuarray %s' % (installed_version('pygpu'), gpustack.installed()))
+        origin = require_gpu_stack(user['device'], environ)
+        notes.append('GPU back end: pygpu %s, libgpuarray %s; %s' % (installed_version('pygpu'), gpustack.installed(),
+                                                                    origin))
     if gpustack.installed() and 'dnn.enabled' not in user:  # cuDNN 8 and 9 removed calls that Theano 1.0.5 makes
         added.append('dnn.enabled=False')
     if 'floatX' not in user:

@@ -302,6 +302,7 @@ def test_libgpuarray_opens_the_driver_through_the_links_without_a_restart(tmp_pa
                          text=True, timeout=300, env=dict(os.environ, CUDA_HOME=str(tmp_path), THEANO_FLAGS='device=cuda'))
     assert out.returncode == 1 and 'Traceback' not in out.stderr
     assert 'cuda-links/libcuda.so: undefined symbol' in out.stderr
+    assert "NVRTC and cuBLAS from NVIDIA's wheels in this venv" in out.stdout
     assert out.stderr.strip().splitlines()[-1].startswith('error: THEANO_FLAGS asks for cuda, but the GPU did not')
 
 
