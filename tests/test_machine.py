@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -294,6 +295,9 @@ def test_libgpuarray_opens_the_driver_through_the_links_without_a_restart(tmp_pa
     """setup.sh --gpu gives libgpuarray an rpath to the venv's links: a stand-in driver library
     (no CUDA functions in it) is opened from there, and the failed start is one line."""
     pytest.importorskip('pygpu')
+    found = gpustack.find_cuda_libraries(gpustack.cuda_folders())
+    if not (found['libnvrtc.so'] and found['libcublas.so']):
+        pytest.skip('no NVRTC or cuBLAS here (bash setup.sh --gpu installs them)')
     (tmp_path / 'lib64').mkdir()
     (tmp_path / 'stub.c').write_text('int cuDriverGetVersion(int *v) { *v = 12080; return 0; }\n')
     subprocess.run(['gcc', '-shared', '-fPIC', '-o', str(tmp_path / 'lib64' / 'libcuda.so.1'), str(tmp_path / 'stub.c')],
@@ -303,6 +307,10 @@ def test_libgpuarray_opens_the_driver_through_the_links_without_a_restart(tmp_pa
     assert out.returncode == 1 and 'Traceback' not in out.stderr
     assert 'cuda-links/libcuda.so: undefined symbol' in out.stderr
     assert "NVRTC and cuBLAS from NVIDIA's wheels in this venv" in out.stdout
+    # the log names the files and the versions they report (NVRTC and cuBLAS answer without a GPU)
+    stack = next(line for line in out.stdout.splitlines() if line.startswith('# GPU stack: '))
+    assert 'libcuda %s (CUDA 12.8)' % (tmp_path / 'lib64' / 'libcuda.so.1') in stack
+    assert re.search(r'NVRTC \S+/libnvrtc\.so\.1[23] \(1[23]\.\d+\); cuBLAS \S+/libcublas\.so\.1[23] \(1[23]\.\d+\.\d+\)$', stack)
     assert out.stderr.strip().splitlines()[-1].startswith('error: THEANO_FLAGS asks for cuda, but the GPU did not')
 
 
