@@ -302,8 +302,12 @@ def test_libgpuarray_opens_the_driver_through_the_links_without_a_restart(tmp_pa
     (tmp_path / 'stub.c').write_text('int cuDriverGetVersion(int *v) { *v = 12080; return 0; }\n')
     subprocess.run(['gcc', '-shared', '-fPIC', '-o', str(tmp_path / 'lib64' / 'libcuda.so.1'), str(tmp_path / 'stub.c')],
                    check=True)
-    out = subprocess.run([sys.executable, 'mnist_mlp.py', '--datadir=%s' % tmp_path], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300, env=dict(os.environ, CUDA_HOME=str(tmp_path), THEANO_FLAGS='device=cuda'))
+    try:
+        out = subprocess.run([sys.executable, 'mnist_mlp.py', '--datadir=%s' % tmp_path], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, CUDA_HOME=str(tmp_path), THEANO_FLAGS='device=cuda'))
+    finally:    # the venv's links as they were: to this machine's libraries, not the stand-in
+        gpustack.link_cuda_libraries(gpustack.links_folder(), found)
     assert out.returncode == 1 and 'Traceback' not in out.stderr
     assert 'cuda-links/libcuda.so: undefined symbol' in out.stderr
     assert "NVRTC and cuBLAS from NVIDIA's wheels in this venv" in out.stdout
