@@ -113,9 +113,9 @@ def cuda_major_for(driver):
     return next((major for major in sorted(CUDA_WHEELS, reverse=True) if driver >= OLDEST_DRIVER[major]), None)
 
 
-def problems(environ=os.environ):
-    """What keeps device=cuda from starting, as one line each ([] when nothing is known to)."""
-    found = find_cuda_libraries(cuda_folders(environ))
+def problems(found):
+    """What keeps device=cuda from starting with the CUDA libraries `found` (find_cuda_libraries'
+    answer), as one line each ([] when nothing is known to)."""
     said = []
     if not found['libcuda.so']:
         said.append('no NVIDIA driver here (no libcuda.so.1): install the driver, or run on a machine with one')
@@ -130,7 +130,7 @@ def problems(environ=os.environ):
         if driver and major in OLDEST_DRIVER and driver < OLDEST_DRIVER[major]:
             said.append('%s is CUDA %d (%s), which needs driver %d or newer, and this one is %s: update the driver, '
                         'or bash setup.sh --gpu again to take the CUDA libraries it runs' % (
-                            label, major, target, OLDEST_DRIVER[major][0], '.'.join(map(str, driver))))
+                            label, major, target, OLDEST_DRIVER[major][0], dotted(driver)))
     return said
 
 
@@ -163,35 +163,38 @@ def _loaded(name):
     return loaded or (os.path.realpath(link) if os.path.exists(link) else None)
 
 
-def _ask(path, function, *arguments):
-    """The ints a CUDA library's version function writes (it takes their pointers after the
-    given arguments), or None."""
-    values = [ctypes.c_int() for _ in range(3)]
+def _ask(path, function, count, *arguments):
+    """The `count` ints a CUDA library's version function writes (it takes their pointers after
+    the given arguments), or None."""
+    values = [ctypes.c_int() for _ in range(count)]
     try:
         call = getattr(ctypes.CDLL(path), function)
     except (OSError, AttributeError):
         return None
-    wanted = {'cuDriverGetVersion': 1, 'nvrtcVersion': 2, 'cublasGetProperty': 1}[function]
-    if call(*arguments, *[ctypes.byref(v) for v in values[:wanted]]) != 0:
+    if call(*arguments, *[ctypes.byref(v) for v in values]) != 0:
         return None
-    return [v.value for v in values[:wanted]]
+    return [v.value for v in values]
 
 
 def _version(name, path):
     if name == 'libcuda.so':
-        version = _ask(path, 'cuDriverGetVersion')
+        version = _ask(path, 'cuDriverGetVersion', 1)
         return version and 'CUDA %d.%d' % (version[0] // 1000, version[0] % 1000 // 10)
     if name == 'libnvrtc.so':
-        version = _ask(path, 'nvrtcVersion')
-        return version and '%d.%d' % tuple(version)
-    parts = [_ask(path, 'cublasGetProperty', part) for part in range(3)]     # major, minor, patch
-    return None if None in parts else '.'.join(str(p[0]) for p in parts)
+        version = _ask(path, 'nvrtcVersion', 2)
+        return version and dotted(version)
+    parts = [_ask(path, 'cublasGetProperty', 1, part) for part in range(3)]     # major, minor, patch
+    return None if None in parts else dotted(p[0] for p in parts)
+
+
+def dotted(version):
+    return '.'.join(map(str, version))
 
 
 def describe():
     """One line naming the driver and the libcuda, NVRTC and cuBLAS files loaded, with versions."""
     driver = driver_version()
-    parts = ['driver ' + ('.'.join(map(str, driver)) if driver else 'unknown')]
+    parts = ['driver ' + (dotted(driver) if driver else 'unknown')]
     for name, label in (('libcuda.so', 'libcuda'), ('libnvrtc.so', 'NVRTC'), ('libcublas.so', 'cuBLAS')):
         path = _loaded(name)
         version = path and _version(name, path)
@@ -211,8 +214,8 @@ if __name__ == '__main__':
             major = cuda_major_for(driver)
             if major is None:
                 sys.exit('NVIDIA driver %s is older than %d, the oldest that runs CUDA 12\'s libraries: update the '
-                         'driver' % ('.'.join(map(str, driver)), OLDEST_DRIVER[12][0]))
-            print('# CUDA %d (%s)' % (major, 'driver %s' % '.'.join(map(str, driver)) if driver
+                         'driver' % (dotted(driver), OLDEST_DRIVER[12][0]))
+            print('# CUDA %d (%s)' % (major, 'driver %s' % dotted(driver) if driver
                                       else 'no driver visible: the CUDA libraries that run on the most drivers'))
             print('\n'.join(CUDA_WHEELS[major]))
     else:

@@ -138,10 +138,10 @@ def require_gpu_stack(device, environ):
         import pygpu  # noqa: F401
     except ImportError as e:      # a libgpuarray for another C library, or none
         refuse('pygpu does not import (%s): bash setup.sh --gpu sets it up again for this host' % e)
-    problems = gpustack.problems(environ)
+    found = gpustack.find_cuda_libraries(gpustack.cuda_folders(environ))
+    problems = gpustack.problems(found)
     if problems:
         refuse('; '.join(problems))
-    found = gpustack.find_cuda_libraries(gpustack.cuda_folders(environ))
     try:            # where libgpuarray's rpath leads its dlopen of the CUDA libraries
         gpustack.link_cuda_libraries(gpustack.links_folder(), found)
     except OSError:

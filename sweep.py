@@ -332,7 +332,7 @@ def glance(done):
     a CPU and on a GPU, test accuracy and the whole run's time."""
     newest = {}
     for entry, r in done:                       # in (number, date) order: later runs overwrite
-        newest[entry[0], 'GPU' if r['device'].startswith(('cuda', 'NVIDIA')) or '(cuda' in r['device'] else 'CPU'] = r
+        newest[entry[0], 'CPU' if r['device'].startswith('cpu:') else 'GPU'] = r
     devices = {kind: sorted({device_label(r) for (n, k), r in newest.items() if k == kind}) for kind in ('CPU', 'GPU')}
 
     def cell(number, kind):

@@ -282,13 +282,15 @@ def test_the_cuda_wheels_fit_the_driver(driver, major):
 
 
 def test_device_cuda_names_each_missing_piece_in_one_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpustack, 'cuda_folders', lambda environ=None: [str(tmp_path)])
     monkeypatch.setattr(gpustack, 'driver_version', lambda: (535, 1))
-    assert [p.split(' (')[0] for p in gpustack.problems()] == ['no NVIDIA driver here', 'no NVRTC', 'no cuBLAS']
+
+    def problems():
+        return gpustack.problems(gpustack.find_cuda_libraries([str(tmp_path)]))
+    assert [p.split(' (')[0] for p in problems()] == ['no NVIDIA driver here', 'no NVRTC', 'no cuBLAS']
     for name in ('libcuda.so.1', 'libnvrtc.so.13', 'libcublas.so.12'):
         (tmp_path / name).write_bytes(b'')
-    assert [p.split(' (')[0] for p in gpustack.problems()] == ['NVRTC is CUDA 13']
-    assert 'needs driver 580 or newer, and this one is 535.1' in gpustack.problems()[0]
+    assert [p.split(' (')[0] for p in problems()] == ['NVRTC is CUDA 13']
+    assert 'needs driver 580 or newer, and this one is 535.1' in problems()[0]
 
 
 def test_libgpuarray_opens_the_driver_through_the_links_without_a_restart(tmp_path):
