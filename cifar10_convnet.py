@@ -10,8 +10,8 @@ Every setting is checked before any work; a bad one stops the run with one `erro
 To drop a ReLU layer set it to None: H3 = None (the published run), and H2 = None too
 for softmax straight after the conv-pool stage.  Relative folders (datadir, outdir) are
 taken from this script's folder; ~ and $VARS are expanded.
-Prints the published log; appends a record of the run to runs/results.jsonl and saves
-the trained parameters beside it as cifar10_convnet-<time>-<pid>.npz.
+Prints the published log; writes a record of the run, runs/cifar10_convnet-<time>-<pid>.record.json,
+and the trained parameters beside it, runs/cifar10_convnet-<time>-<pid>.npz.
 """
 import time
 _t_start = time.time()                  # the log's total explains what `time` shows
@@ -37,7 +37,7 @@ conv = 'auto'            # how the convolution is computed, same values: 'conv2d
 datadir = None           # holds cifar-10-batches-py/; None: $NNET_DATADIR, else ./data here
 quickL = False           # False: the training columns evaluate L after the epoch, as published;
                          # True: running figures of the training pass itself (no second pass)
-outdir = 'runs'          # results.jsonl and the saved parameters (beside this script unless absolute)
+outdir = 'runs'          # the run's record and parameters (beside this script unless absolute)
 datanote = ''            # free text kept with the record, e.g. where the data came from
 resume = None            # a stopped run's parameter file (its log ends with the command): go on
                          # from where it stopped, with its settings; nepoch may grow

@@ -28,7 +28,7 @@ seed = 0
 datadir = None           # holds mnist/*.gz; None: $NNET_DATADIR, else ./data here
 quickL = False           # False: the training columns evaluate L after the epoch, as published;
                          # True: running figures of the training pass itself (no second pass)
-outdir = 'runs'          # results.jsonl and the saved parameters (beside this script unless absolute)
+outdir = 'runs'          # the run's record and parameters (beside this script unless absolute)
 resume = None            # a stopped run's parameter file (its log ends with the command): go on
                          # from where it stopped, with its settings; nepoch may grow
 

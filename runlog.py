@@ -33,9 +33,9 @@ def apply_overrides(namespace, names, argv):
     """Apply --name=value arguments to the driver's globals; values are Python literals.
 
     Unknown names are rejected with the list of valid ones; each override is printed;
-    check_settings then checks every value.  --help or -h (after any overrides) prints the
-    settings and exits; --help=json prints them as one JSON line, with the device (for
-    sweep.py and the benchmarks).  An output pipe already closed ends the run as in run_driver
+    check_settings then checks every value.  --help or -h (after any overrides, checked too)
+    prints the settings and exits; --help=json prints them as one JSON line, with the device
+    (for sweep.py, which checks a grid's values so, and the benchmarks).  An output pipe already closed ends the run as in run_driver
     (`| head -1` with unbuffered output, PYTHONUNBUFFERED=1, can close it this early).
     """
     try:
@@ -45,15 +45,11 @@ def apply_overrides(namespace, names, argv):
 
 
 def _apply_overrides(namespace, names, argv):
-    overridden = set()
+    overridden, help_asked = set(), None
     for arg in argv:
-        if arg in ('--help', '-h'):
-            lines = [sys.modules['__main__'].__doc__ or ''] + ['#   --%s=%r' % (k, namespace[k]) for k in names]
-            say('\n'.join(lines + ['# device here: %s' % machine.device_description()]))    # `| head` too
-            sys.exit(0)
-        if arg == '--help=json':
-            print(json.dumps({'device': machine.device_description(), 'settings': {k: namespace[k] for k in names}}))
-            sys.exit(0)
+        if arg in ('--help', '-h', '--help=json'):
+            help_asked = arg
+            break
         m = re.match(r'--(\w+)=(.*)$', arg, re.S)
         if not m or m.group(1) not in names:
             sys.exit('error: %r is not a setting; use --name=value with a name from:\n  %s'
@@ -69,6 +65,13 @@ def _apply_overrides(namespace, names, argv):
         overridden.add(name)
         print('# override: %s = %r' % (name, value))
     check_settings(namespace, names)
+    if help_asked == '--help=json':
+        print(json.dumps({'device': machine.device_description(), 'settings': {k: namespace[k] for k in names}}))
+        sys.exit(0)
+    if help_asked:
+        lines = [sys.modules['__main__'].__doc__ or ''] + ['#   --%s=%r' % (k, namespace[k]) for k in names]
+        say('\n'.join(lines + ['# device here: %s' % machine.device_description()]))    # `| head` too
+        sys.exit(0)
     if namespace.get('resume'):
         adopt_resumed_run(namespace, names, overridden)
 
@@ -303,29 +306,40 @@ def waiting(text):
         line.clear()
 
 
-def append_record(path, record):
-    """Append one JSON line in one write; start it on a fresh line if the file's last one was cut off."""
-    line = (json.dumps(record, default=str) + '\n').encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def record_path(params_path):
+    """A run's record file: beside its parameter file, of the same name."""
+    return params_path[:-len('.npz')] + '.record.json'
+
+
+def write_record(path, record):
+    """The record as a file of its own, whole or not at all and never over another's: written
+    under a name of this process's, then linked to its own (link is atomic and exclusive, on
+    NFS too, where appends to one shared file are not)."""
+    partial = '%s.%s-%d.partial' % (path, platform.node(), os.getpid())
     try:
-        size = os.fstat(fd).st_size
-        if size:
-            with open(path, 'rb') as f:
-                f.seek(size - 1)
-                if f.read(1) != b'\n':
-                    line = b'\n' + line
-        os.write(fd, line)
+        with open(partial, 'w') as f:
+            f.write(json.dumps(record, default=str) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            raise
+        except OSError:                     # a file system without hard links (FAT, some SMB shares)
+            os.replace(partial, path)
     finally:
-        os.close(fd)
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def new_params_path(folder, script, suffix='.npz'):
-    """A parameter file name no other run has: time and process id, and a number if need be."""
-    stem = os.path.join(folder, '%s-%s-%d' % (script, time.strftime('%Y%m%d-%H%M%S'), os.getpid()))
-    path, n = stem + suffix, 1
-    while os.path.exists(path):
-        path, n = '%s-%d%s' % (stem, n, suffix), n + 1
-    return path
+    """A parameter file name no other run has: time and process id, and a number if need be
+    (neither it nor its record file exists)."""
+    first = os.path.join(folder, '%s-%s-%d' % (script, time.strftime('%Y%m%d-%H%M%S'), os.getpid()))
+    stem, n = first, 1
+    while os.path.exists(stem + suffix) or os.path.exists(stem + '.record.json'):
+        stem, n = '%s-%d' % (first, n), n + 1
+    return stem + suffix
 
 
 def position(epoch, trained=(0, 0.0, 0.0)):
@@ -355,18 +369,17 @@ def write_checkpoint(trainer, path, state):
 
 
 def save_run(record, trainer, settings, outdir, script):
-    """The record line first, then the parameters and momenta (atomic), in outdir or, failing that,
+    """The record first, then the parameters and momenta (atomic), in outdir or, failing that,
     the system's temporary folder.  Returns the parameter file, or None if neither could be written."""
     for where in (outdir, tempfile.gettempdir()):
         try:
             os.makedirs(where, exist_ok=True)
             params_path = new_params_path(where, script)
             record['params'] = os.path.basename(params_path)      # resolved from the record's folder
-            results_path = os.path.join(where, 'results.jsonl')
-            append_record(results_path, record)
+            write_record(record_path(params_path), record)
             trainer.save(params_path, run_state(settings, record, record['status'], record['position'],
                                                 record['seconds']['train']))
-            say('# record appended to %s\n# parameters: %s' % (results_path, params_path))
+            say('# record: %s\n# parameters: %s' % (record_path(params_path), params_path))
             return params_path
         except OSError as e:
             say('# could not save in %s: %s%s' % (where, e, '; trying the temporary folder instead'
@@ -402,10 +415,10 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
     last.  As published, each row evaluates the network after that epoch on the whole
     training set L and validation set V, in minibatches; quickL=True takes the training
     columns from the training pass itself instead (running figures while the weights
-    move: cheaper, but not what the published log shows).  Then one JSON line appended
-    to outdir/results.jsonl (settings, info, every logged row, test figures,
-    data/compile/train/total seconds; t_start is the script's start, so the total
-    explains what `time` shows) and the parameters in outdir/SCRIPT-TIME-PID.npz.
+    move: cheaper, but not what the published log shows).  Then the run's record, one JSON
+    object in outdir/SCRIPT-TIME-PID.record.json (settings, info, every logged row, test
+    figures, data/compile/train/total seconds; t_start is the script's start, so the total
+    explains what `time` shows), and the parameters beside it in outdir/SCRIPT-TIME-PID.npz.
     Between rows, a Progress line on the terminal (stderr) says where the run is.
     On Ctrl-C (or SIGTERM, as from `kill` or a job scheduler) the current minibatch
     finishes, then both are still written, marked as such, even when stdout is a pipe that

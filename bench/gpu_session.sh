@@ -8,7 +8,7 @@
 #   bash bench/gpu_session.sh                       # every step below, in this order
 #   bash bench/gpu_session.sh cpu-default gpu-64    # chosen steps (data and .venv are set up anyway)
 # Steps, most wanted first (each appends to $OUT/session.log; its own log and the runs' records
-# and parameters go to a scratch folder, of which $OUT gets results.jsonl and logs.tgz: the
+# and parameters go to a scratch folder, of which $OUT gets the records (as results.jsonl) and logs.tgz: the
 # device call brings back at most 8 files of $OUT, 16 MiB each, 64 MiB in all):
 #   check             nvidia-smi, lscpu, the layer and gradient tests on the GPU (against numpy)
 #   gpu-default       `time` of the published run, compile cache cold
@@ -137,7 +137,7 @@ for s in "${steps[@]}"; do
 done
 # What comes back: session.log (everything above), the records, the logs (no parameter files:
 # up to 86 MB each) and the compile caches if 4 parts of 15 MB hold them: 8 files at most.
-cp "$work/runs/results.jsonl" "$OUT/" 2>/dev/null
+cat "$work"/runs/*.record.json > "$OUT/results.jsonl" 2>/dev/null      # a line each: sweep.py reads them so
 tar -C "$work" --exclude='*.npz' -czf "$OUT/logs.tgz" .
 tar -C "$cache" -czf "$work/compile-cache.tgz" .
 if [ "$(stat -c %s "$work/compile-cache.tgz")" -le $((60 * 1000 * 1000)) ]; then

@@ -3,6 +3,7 @@
 No test downloads anything.  Theano is told to raise on optimizer and shape errors
 before any test module imports it (subprocesses inherit the flags).
 """
+import glob
 import gzip
 import json
 import os
@@ -104,3 +105,10 @@ def driver_settings(command):
     out = subprocess.run([sys.executable] + list(command) + ['--help=json'], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     return json.loads(out.stdout.strip().splitlines()[-1])['settings']
+
+
+def only_record(folder):
+    """The record of the one run that wrote to folder (its .record.json file)."""
+    path, = glob.glob(os.path.join(str(folder), '*.record.json'))
+    with open(path) as f:
+        return json.load(f)

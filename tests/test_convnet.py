@@ -1,7 +1,6 @@
 """convnet.py against numpy references, the compiled graphs' ops, and both drivers end to end."""
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import signal
@@ -17,7 +16,7 @@ import gpustack
 import nnet
 import theano
 import theano.tensor as T
-from conftest import ROOT, driver_settings, make_cifar, make_mnist
+from conftest import ROOT, driver_settings, make_cifar, make_mnist, only_record
 
 floatX = nnet.floatX
 
@@ -186,7 +185,7 @@ def test_cifar10_convnet_runs_end_to_end(tmp_path):
     assert [r.split()[0] for r in rows] == ['0', '1', '2']
     assert re.search(r'^2 \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \| [\d.]+ [\d.]+ \*$', log, re.M)
     assert re.search(r'^# seconds: data [\d.]+  compile [\d.]+  train [\d.]+  total [\d.]+$', log, re.M)
-    record = json.loads((out / 'results.jsonl').read_text())
+    record = only_record(out)
     peak = record['memory_mib']['peak_resident']                   # numpy and Theano alone take more than 50
     assert record['memory_mib'] == {'peak_resident': peak} and 50 < peak < 8192
     assert '\n# memory: peak %.2f GiB resident\n' % (peak / 1024) in log
@@ -210,7 +209,7 @@ def test_cifar10_convnet_overlapping_pool_and_second_layer(tmp_path):
     assert '# convolution: im2col\n' in result.stdout
     assert re.search(r'^# CPU ops of the training step: .*\bImages2Neibs\b', result.stdout, re.M)
     assert 'CorrMM' not in result.stdout
-    record = json.loads((tmp_path / 'runs' / 'results.jsonl').read_text())
+    record = only_record(tmp_path / 'runs')
     assert record['conv_impl'] == 'im2col' and record['settings']['conv'] == 'im2col'
 
 
@@ -249,7 +248,7 @@ def test_mnist_mlp_runs_end_to_end(tmp_path):
     assert '### ReLu-ReLu-Softmax   Xdim: 784  H1: 50  H2: 20\n' in result.stdout
     assert '### training:   NL =  500  NV =  100  K =  10  batchsize =  100\n' in result.stdout
     assert [r.split()[0] for r in re.findall('^' + ROW + '$', result.stdout, re.M)] == ['0', '1', '2', '3', '4', '5']
-    record = json.loads((tmp_path / 'runs' / 'results.jsonl').read_text())
+    record = only_record(tmp_path / 'runs')
     assert record['test'][1] > 90                                  # the bands are easy to learn
 
 
@@ -301,7 +300,7 @@ def test_a_stopped_run_writes_its_record_and_parameters(tmp_path, how):
             proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130
         log = proc.stdout.read() if how == 'SIGTERM' else ''
-    record = json.loads((out / 'results.jsonl').read_text())
+    record = only_record(out)
     assert record['status'] == 'interrupted' and record['epochs'][0][0] == 0
     assert np.load(out / record['params'])['00_W1'].shape == (2, 3, 5, 5)
     if how == 'SIGTERM':
@@ -325,7 +324,7 @@ def test_an_output_pipe_closed_before_training_ends_the_run_with_one_line(tmp_pa
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert not (tmp_path / 'runs' / 'results.jsonl').exists()
+    assert not list((tmp_path / 'runs').glob('*.record.json'))
     helped = subprocess.Popen([sys.executable, 'cifar10_convnet.py', '--help'], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     helped.stdout.close()                                   # `--help | head`: gone before the help comes
@@ -357,7 +356,7 @@ def test_a_finished_run_resumed_with_more_epochs_logs_as_one_run(tmp_path):
         result = run_script('mnist_mlp.py', '--H1=20', '--H2=None', '--datadir=%s' % tmp_path,
                             '--outdir=%s' % (tmp_path / name), *args)
         assert result.returncode == 0, result.stdout + result.stderr
-        runs[name] = json.loads((tmp_path / name / 'results.jsonl').read_text())
+        runs[name] = only_record(tmp_path / name)
     first = tmp_path / 'first' / runs['first']['params']
     result = run_script('mnist_mlp.py', '--resume=%s' % first, '--nepoch=2', '--datadir=%s' % tmp_path,
                         '--outdir=%s' % (tmp_path / 'resumed'))
@@ -365,7 +364,7 @@ def test_a_finished_run_resumed_with_more_epochs_logs_as_one_run(tmp_path):
     assert '# resume: H1 = 20, as the run being resumed (this script says 1000)' in result.stdout
     assert '# resume: H2 = None, as the run being resumed (this script says 1000)' in result.stdout
     assert [r.split()[0] for r in re.findall('^' + ROW + '$', result.stdout, re.M)] == ['0', '1', '2']  # 0, 1 again
-    resumed = json.loads((tmp_path / 'resumed' / 'results.jsonl').read_text())
+    resumed = only_record(tmp_path / 'resumed')
     assert [row[:5] for row in resumed['epochs']] == [row[:5] for row in runs['straight']['epochs']]
     assert resumed['test'] == runs['straight']['test'] and resumed['resumed']['epoch'] == 2
     make_mnist(str(tmp_path / 'other'), ntrain=600, ntest=100, seed=1)

@@ -1,6 +1,5 @@
 """Nothing lost, nothing cryptic: bad settings refused before any work, folders made ready,
 the record and parameters saved whatever happens, damaged records skipped, the ZCA cache safe."""
-import json
 import os
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import download
 import nnet
 import runlog
 import sweep
-from conftest import ROOT, driver_settings, make_cifar, small_problem
+from conftest import ROOT, driver_settings, make_cifar, only_record, small_problem
 
 
 @pytest.fixture(scope='module')
@@ -90,7 +89,7 @@ def test_folders_expand_home_and_variables_and_resolve_beside_the_scripts(tmp_pa
     assert runlog.folder('outdir', 'runs') == os.path.join(ROOT, 'runs')     # whatever the current folder
     monkeypatch.setenv('NNET_DATADIR', '~/data')
     assert download.default_datadir() == str(tmp_path / 'data')
-    assert sweep.results_path({'outdir': 'runs'}) == os.path.join(ROOT, 'runs', 'results.jsonl')
+    assert sweep.records_folder({'outdir': 'runs'}) == os.path.join(ROOT, 'runs')
 
 
 def trained_trainer():
@@ -105,7 +104,7 @@ def test_an_unwritable_output_folder_at_the_end_falls_back_to_the_temporary_fold
     blocked.write_text('')
     code = runlog.train_and_log(trained_trainer(), 1, 'test', {}, {}, str(blocked / 'runs'), 0, 1.0)
     assert code == 0
-    record = json.loads((tmp_path / 'tmp' / 'results.jsonl').read_text())
+    record = only_record(tmp_path / 'tmp')
     assert (tmp_path / 'tmp' / record['params']).exists()
     out = capsys.readouterr().out
     assert 'could not save in %s' % (blocked / 'runs') in out and 'trying the temporary folder' in out
@@ -115,13 +114,13 @@ def test_an_unwritable_output_folder_at_the_end_falls_back_to_the_temporary_fold
 def test_record_first_then_parameters_and_a_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
     trainer = trained_trainer()
     order = []
-    real_append, real_save = runlog.append_record, trainer.net.save
+    real_write, real_save = runlog.write_record, trainer.net.save
 
     def failing_savez(path, **arrays):
         with open(path, 'wb') as f:
             f.write(b'partial')
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(runlog, 'append_record', lambda *a: (order.append('record'), real_append(*a)))
+    monkeypatch.setattr(runlog, 'write_record', lambda *a: (order.append('record'), real_write(*a)))
     monkeypatch.setattr(trainer.net, 'save', lambda *a: (order.append('params'), real_save(*a)))
     monkeypatch.setattr(nnet.np, 'savez', failing_savez)
     monkeypatch.setattr(runlog.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
@@ -131,20 +130,28 @@ def test_record_first_then_parameters_and_a_failed_save_leaves_no_partial_file(t
     assert not [f for f in os.listdir(tmp_path / 'runs') if f.endswith('.npz')]   # no .tmp.npz left
 
 
-def test_parameter_files_never_overwrite_each_other(tmp_path):
+def test_parameter_and_record_files_never_overwrite_each_other(tmp_path):
     first = runlog.new_params_path(str(tmp_path), 'test')
     open(first, 'w').close()
     second = runlog.new_params_path(str(tmp_path), 'test')
     assert second != first and str(os.getpid()) in os.path.basename(first)
+    runlog.write_record(runlog.record_path(second), {'script': 'b'})
+    third = runlog.new_params_path(str(tmp_path), 'test')
+    assert third not in (first, second)                         # its record alone holds a name
+    with pytest.raises(FileExistsError):                        # and is never written over
+        runlog.write_record(runlog.record_path(second), {'script': 'c'})
+    assert only_record(tmp_path) == {'script': 'b'}
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (first, runlog.record_path(second)))
 
 
-def test_a_damaged_record_line_is_skipped_and_the_next_record_starts_a_fresh_line(tmp_path, capsys):
-    path = tmp_path / 'results.jsonl'
-    path.write_text('{"script": "a"}\n{"script": "b", "cut off')
-    runlog.append_record(str(path), {'script': 'c'})
-    assert path.read_text().splitlines()[-1] == '{"script": "c"}'
-    assert [r['script'] for r in sweep.read_records(str(path))] == ['a', 'c']
-    assert 'results.jsonl, line 2 is damaged; skipped' in capsys.readouterr().err
+def test_records_of_every_kind_are_read_oldest_first_and_damaged_ones_skipped(tmp_path, capsys):
+    (tmp_path / 'results.jsonl').write_text('{"script": "a", "date": "2026-11-01T00:00:00"}\n{"script": "b", "cut off\n'
+                                            '{"script": "c", "date": "2026-12-01T00:00:00"}\n')
+    runlog.write_record(str(tmp_path / 'x-1.record.json'), {'script': 'd', 'date': '2026-11-15T00:00:00'})
+    (tmp_path / 'x-2.record.json').write_text('{"script": "e", "cut')
+    assert [r['script'] for r in sweep.read_records(str(tmp_path))] == ['a', 'd', 'c']
+    err = capsys.readouterr().err
+    assert 'results.jsonl, line 2 is damaged; skipped' in err and 'x-2.record.json cannot be read' in err
 
 
 def test_zca_cache_writers_side_by_side_keep_one_complete_copy_and_no_temporary_folders(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 import nnet
 import runlog
-from conftest import small_problem
+from conftest import only_record, small_problem
 
 
 def test_interrupted_run_still_writes_record_and_parameters(tmp_path, monkeypatch, capsys):
@@ -23,12 +23,9 @@ def test_interrupted_run_still_writes_record_and_parameters(tmp_path, monkeypatc
             raise KeyboardInterrupt
         return 0.5, 50.0
     monkeypatch.setattr(trainer, 'train_epoch', train_epoch)
-    (tmp_path / 'results.jsonl').write_text('{"earlier": 1}\n')
     code = runlog.train_and_log(trainer, 10, 'test', {'eta': 0.1}, {'device': 'cpu'}, str(tmp_path), 0, 1.0)
     assert code == 130
-    lines = (tmp_path / 'results.jsonl').read_text().splitlines()
-    assert json.loads(lines[0]) == {'earlier': 1}
-    record = json.loads(lines[1])
+    record = only_record(tmp_path)
     assert record['status'] == 'interrupted' and [row[0] for row in record['epochs']] == [0, 1, 2]
     assert np.load(tmp_path / record['params'])['00_W1'].shape == (6, 5)
     assert 'interrupted at epoch 3' in capsys.readouterr().out
@@ -77,7 +74,7 @@ class ScriptedTrainer:
 def test_log_schedule_and_which_split_each_row_evaluates(tmp_path, capsys, quickL):
     trainer = ScriptedTrainer()
     assert runlog.train_and_log(trainer, 25, 'test', {}, {}, str(tmp_path), 0, 1.0, quickL) == 0
-    record = json.loads((tmp_path / 'results.jsonl').read_text())
+    record = only_record(tmp_path)
     rows = record['epochs']
     assert [row[0] for row in rows] == [0, 1, 2, 3, 4, 5, 10, 20, 25]    # 0-5, every 10th, the last
     for epoch, costL, accL, costV, accV, seconds in rows:
@@ -165,8 +162,8 @@ def small_trainer():
 
 
 def final_run(folder):
-    """(record, parameters and momenta) of the last run recorded in folder."""
-    record = json.loads((folder / 'results.jsonl').read_text().splitlines()[-1])
+    """(record, parameters and momenta) of the run recorded in folder."""
+    record = only_record(folder)
     with np.load(folder / record['params']) as f:
         return record, {k: f[k] for k in f.files if k != 'settings'}
 
@@ -267,7 +264,7 @@ def test_a_run_killed_outright_goes_on_from_its_last_logged_row(tmp_path, monkey
     with pytest.raises(SystemError):
         run('killed')
     monkeypatch.undo()
-    assert not (tmp_path / 'killed' / 'results.jsonl').exists()
+    assert not list((tmp_path / 'killed').glob('*.record.json'))
     checkpoint, = (tmp_path / 'killed').glob('*.checkpoint.npz')
     assert capsys.readouterr().out.splitlines()[-1] == (
         '# failed in epoch 4 (the error below); to go on from its last logged row: python test.py --resume=%s'

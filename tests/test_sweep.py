@@ -18,6 +18,12 @@ def record(status='completed', device='cpu: X, AVX-512', sizes=None, data=DATA, 
             'epochs': [[0, 2.3, 10, 2.3, 10, 1.0], [50, 0.1, 99, 1.8, 70, 300.0]]}
 
 
+def runs(*numbers, base=BASE, **point):
+    """The sweep's runs of these configurations at base, with this grid point."""
+    return [sweep.Run(entry, point, dict(base, **sweep.as_recorded(entry[2]), **point), [])
+            for entry in sweep.CONFIGS if entry[0] in numbers]
+
+
 def test_records_map_to_their_configuration():
     by_number = {entry[0]: entry for entry in sweep.CONFIGS}
     assert sweep.config_of(record(), BASE) is by_number[1]
@@ -37,7 +43,8 @@ def test_a_run_that_differs_in_any_defining_setting_is_another_run(setting, valu
     r = record(**{setting: value})
     assert sweep.config_of(r, BASE) is None
     summary, every, done = sweep.table([r], BASE)
-    assert done == [] and any(row.startswith('| %s=' % setting) for row in every)
+    assert done == [] and any(row.startswith('| 1 | %s=' % setting) for row in every)
+    assert any(row.startswith('| 1 | %s=' % setting) for row in summary)       # on the published data: a grid's
 
 
 def test_a_run_on_other_data_sizes_or_unfingerprinted_data_is_another_run():
@@ -58,27 +65,30 @@ def test_only_takes_the_published_configurations_numbers():
 
 
 def test_resume_skips_only_completed_runs_of_the_same_settings_device_and_data():
-    overrides = sweep.CONFIGS[1][2]                           # 64 filters
+    settings = runs(2)[0].settings                            # 64 filters
     done = record(W1dim=[64, 5, 5])
-    assert sweep.matches(done, overrides, BASE, 'cpu: X, AVX-512', DATA)
+    assert sweep.matches(done, settings, 'cpu: X, AVX-512', DATA)
     assert sweep.matches(dict(done, settings=dict(done['settings'], datanote='other', outdir='x')),
-                         overrides, BASE, 'cpu: X, AVX-512', DATA)          # labels and paths do not count
-    assert not sweep.matches(done, overrides, BASE, 'cuda: H100', DATA)
-    assert not sweep.matches(done, overrides, BASE, 'cpu: X, AVX-512', 'e' * 40)   # other data: run it
-    assert not sweep.matches(record(status='interrupted', W1dim=[64, 5, 5]), overrides, BASE, 'cpu: X, AVX-512', DATA)
-    assert not sweep.matches(done, overrides, dict(BASE, nepoch=5), 'cpu: X, AVX-512', DATA)
-    plan = sweep.to_run({1, 2}, False, BASE, 'cpu: X, AVX-512', DATA, [done])
-    assert [(entry[0], recorded, stopped) for entry, recorded, stopped in plan] == [(1, False, None), (2, True, None)]
-    plan = sweep.to_run({2}, True, BASE, 'cpu: X, AVX-512', DATA, [done])      # --again
-    assert [(entry[0], recorded) for entry, recorded, stopped in plan] == [(2, False)]
+                         settings, 'cpu: X, AVX-512', DATA)          # labels and paths do not count
+    assert not sweep.matches(done, settings, 'cuda: H100', DATA)
+    assert not sweep.matches(done, settings, 'cpu: X, AVX-512', 'e' * 40)   # other data: run it
+    assert not sweep.matches(record(status='interrupted', W1dim=[64, 5, 5]), settings, 'cpu: X, AVX-512', DATA)
+    assert not sweep.matches(done, dict(settings, nepoch=5), 'cpu: X, AVX-512', DATA)
+    assert not sweep.matches(done, dict(settings, eta=0.02), 'cpu: X, AVX-512', DATA)     # another grid point
+    gpu = dict(done, device='NVIDIA H100 (cuda1)')
+    assert sweep.matches(gpu, settings, 'NVIDIA H100 (cuda)', DATA)        # any GPU of the kind
+    plan = sweep.to_run(runs(1, 2), False, 'cpu: X, AVX-512', DATA, [done])
+    assert [(run.entry[0], recorded, stopped) for run, recorded, stopped in plan] == [(1, False, None), (2, True, None)]
+    plan = sweep.to_run(runs(2), True, 'cpu: X, AVX-512', DATA, [done])      # --again
+    assert [(run.entry[0], recorded) for run, recorded, stopped in plan] == [(2, False)]
 
 
 def test_a_configuration_whose_last_run_stopped_goes_on_from_its_file(tmp_path):
-    results = str(tmp_path / 'results.jsonl')
     (tmp_path / 'stopped.npz').write_bytes(b'')
 
     def stopped(*records):
-        return [s for entry, recorded, s in sweep.to_run({1}, False, BASE, 'cpu: X, AVX-512', DATA, list(records), results)]
+        return [s for run, recorded, s in sweep.to_run(runs(1), False, 'cpu: X, AVX-512', DATA, list(records),
+                                                       str(tmp_path))]
     interrupted = dict(record(status='interrupted'), params='stopped.npz', position={'epoch': 7})
     assert stopped(record(), interrupted) == [str(tmp_path / 'stopped.npz')]
     assert stopped(interrupted, record()) == [None]                     # a later run finished
@@ -173,10 +183,10 @@ def test_mnist_runs_have_their_own_table():
 
 
 def test_parameter_files_resolve_from_the_records_folder(tmp_path):
-    results = tmp_path / 'elsewhere' / 'results.jsonl'
-    assert sweep.params_path({'params': 'cifar10_convnet-1.npz'}, str(results)) == \
+    folder = str(tmp_path / 'elsewhere')
+    assert sweep.params_path({'params': 'cifar10_convnet-1.npz'}, folder) == \
         str(tmp_path / 'elsewhere' / 'cifar10_convnet-1.npz')
-    assert sweep.params_path({'params': 'runs/cifar10_convnet-1.npz'}, str(results)) == \
+    assert sweep.params_path({'params': 'runs/cifar10_convnet-1.npz'}, folder) == \
         str(tmp_path / 'elsewhere' / 'cifar10_convnet-1.npz')             # older records: a path from the cwd
 
 
@@ -186,7 +196,6 @@ def test_a_killed_runs_checkpoint_is_found_by_its_settings(tmp_path):
     import subprocess
     import sys
     import numpy as np
-    results = str(tmp_path / 'results.jsonl')
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()                                                 # a process id no longer running
 
@@ -197,7 +206,8 @@ def test_a_killed_runs_checkpoint_is_found_by_its_settings(tmp_path):
         return str(path)
 
     def stopped(*records):
-        return [s for entry, recorded, s in sweep.to_run({1, 2}, False, BASE, 'cpu: X, AVX-512', DATA, list(records), results)]
+        return [s for run, recorded, s in sweep.to_run(runs(1, 2), False, 'cpu: X, AVX-512', DATA, list(records),
+                                                       str(tmp_path))]
     killed = checkpoint(gone.pid)
     assert stopped() == [killed, None]                          # configuration 1's, not 2's
     (tmp_path / ('cifar10_convnet-20261129-130000-%d.checkpoint.npz' % gone.pid)).write_bytes(b'PK\x03\x04 cut')
@@ -218,7 +228,7 @@ def test_table_without_records_leaves_the_page_alone(tmp_path, monkeypatch):
     page.write_text('head\n%s\nthe table\n%s\ntail\n' % (sweep.TABLE_START, sweep.TABLE_END))
     monkeypatch.setattr(sweep, 'PAGE', str(page))
     monkeypatch.setattr(sweep, 'driver_defaults', lambda argv: (dict(BASE, outdir=str(tmp_path)), 'cpu: X, AVX-512'))
-    with pytest.raises(SystemExit, match='no records in .*results.jsonl: .* left as it is'):
+    with pytest.raises(SystemExit, match='no records in %s: .* left as it is' % tmp_path):
         sweep.write_page([])
     assert 'the table' in page.read_text()
 
