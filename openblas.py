@@ -133,15 +133,30 @@ def probe(libraries):
         return {}
 
 
-def loaded():
-    """{path: (version, core)} of every OpenBLAS this process has loaded, as they answer now."""
+def loaded_paths():
+    """The files of every OpenBLAS this process has loaded."""
     try:
         with open('/proc/self/maps') as f:     # address, perms, offset, device, inode, then the path (spaces and all)
             fields = [line.rstrip('\n').split(None, 5) for line in f]
     except OSError:
-        return {}
-    paths = sorted({f[5] for f in fields if len(f) == 6 and re.search(r'/libopenblas[^/]*\.so[^/]*$', f[5])})
-    return {path: answers(ctypes.CDLL(path)) for path in paths}
+        return []
+    return sorted({f[5] for f in fields if len(f) == 6 and re.search(r'/libopenblas[^/]*\.so[^/]*$', f[5])})
+
+
+def loaded():
+    """{path: (version, core)} of every OpenBLAS this process has loaded, as they answer now."""
+    return {path: answers(ctypes.CDLL(path)) for path in loaded_paths()}
+
+
+def set_threads(n):
+    """The threads of every OpenBLAS this process has loaded, from their next call on."""
+    for path in loaded_paths():
+        lib = ctypes.CDLL(path)
+        for suffix in ('', '64_'):
+            set_num_threads = getattr(lib, 'openblas_set_num_threads' + suffix, None)
+            if set_num_threads:
+                set_num_threads(n)
+                break
 
 
 def library_label(path):

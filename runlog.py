@@ -457,6 +457,9 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         trainer.stop_requested = True
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     trainer.progress = progress = Progress(nepoch)
+    share = machine.core_share()
+    if share:                           # its threads follow its share of the cores, between minibatches
+        trainer.progress = lambda *done: (share(), progress(*done))
     if first > 0:
         progress.before = first - 1 + start[0] / len(trainer.batches('L'))
     try:

@@ -18,7 +18,8 @@ stopped (Ctrl-C, SIGTERM from `kill` or a scheduler's time limit) goes on from t
 minibatch (--resume=its parameter file), one killed outright from its last logged row
 (--resume=its checkpoint); --again runs completed ones anyway (after a change of code, flags
 or BLAS, which the settings do not capture: the records and the table keep both runs).
---jobs=N runs N at once: on the CPU each gets cores / N threads, with device=cuda each its own
+--jobs=N runs N at once: on the CPU they share the cores (cores / N threads each, and the cores
+of a run that ends go to those still going), with device=cuda each its own
 GPU (--devices=0,1 names them; else every GPU there is).  Each run's record is a file of its
 own in the drivers' outdir, so any number of sweeps, on this machine or on the nodes of a
 cluster sharing the folder, write there at once; a run is claimed (outdir/claims/) while it
@@ -133,6 +134,11 @@ Run = collections.namedtuple('Run', 'entry point settings args')
 def label(run):
     """The run in a line: its configuration's number and its point of the grid."""
     return ' '.join(['%d' % run.entry[0]] + ['%s=%s' % (k, repr(v).replace(', ', ',')) for k, v in run.point.items()])
+
+
+def describe(run):
+    """The run for the log: its configuration and its point of the grid."""
+    return '%d. %s%s' % (run.entry[0], run.entry[1], ', with ' + label(run).split(' ', 1)[1] if run.point else '')
 
 
 def grid_points(text):
@@ -383,10 +389,15 @@ def gpu_numbers(text, jobs):
     return numbers
 
 
-def run_environment(threads, gpu):
-    """The driver's environment: its share of the cores, or its own GPU."""
+def run_environment(threads, gpu, claims=None):
+    """The driver's environment: its share of the cores (threads to start with, unless the user
+    set them, then machine.CoreShare divides the cores among the runs claimed in `claims`), or
+    its own GPU."""
+    import machine
     env = dict(os.environ)
     if threads:
+        if claims and not {'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS'} & set(os.environ):
+            env[machine.SHARED_CORES] = claims
         for name in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
             env.setdefault(name, str(threads))
     if gpu is not None:
@@ -401,6 +412,7 @@ class Sweep:
     def __init__(self, runs, again, device, data_fingerprint, extra, folder, jobs, gpus):
         self.runs, self.again, self.device, self.data = runs, again, device, data_fingerprint
         self.extra, self.folder, self.jobs = extra, folder, jobs
+        # on the CPU, cores / N threads to start with; then each run follows its share (CoreShare)
         self.threads = None if gpus is not None or jobs == 1 else max(1, cpu_count() // jobs)
         self.gpus = None
         if gpus is not None:
@@ -447,15 +459,15 @@ class Sweep:
         claim = claim_path(self.folder, run, self.device, self.data)
         holder = take_claim(claim, label(run))
         if holder:
-            self.say(run, '# %d. %s: running in another sweep (%s); skipped' % (run.entry[0], run.entry[1], holder))
+            self.say(run, '# %s: running in another sweep (%s); skipped' % (describe(run), holder))
             return
         with self.heartbeat.lock:
             self.heartbeat.held.add(claim)
         try:
             records = read_records(self.folder)     # as they are now: another sweep may have done it
             if not self.again and any(matches(r, run.settings, self.device, self.data) for r in records):
-                self.say(run, '# %d. %s: already recorded on %s, skipped' % (run.entry[0], run.entry[1],
-                                                                            device_label({'device': self.device})))
+                self.say(run, '# %s: already recorded on %s, skipped' % (describe(run),
+                                                                        device_label({'device': self.device})))
                 return
             stopped = stopped_file(records, run.settings, self.device, self.data, self.folder)
             gpu = self.gpus.get() if self.gpus else None
@@ -466,8 +478,7 @@ class Sweep:
                     self.gpus.put(gpu)
             if code != 0:
                 self.failed.append(run)
-                self.say(run, '# %d. %s stopped with exit code %d; run the sweep again to resume'
-                         % (run.entry[0], run.entry[1], code))
+                self.say(run, '# %s: stopped with exit code %d; run the sweep again to resume' % (describe(run), code))
         finally:
             with self.heartbeat.lock:
                 self.heartbeat.held.discard(claim)
@@ -479,15 +490,16 @@ class Sweep:
     def execute(self, run, args, gpu):
         """One driver process; its output to its log file and to the terminal.  Its exit code."""
         command = [sys.executable, DRIVER] + args + self.extra
-        where = ('; %d threads' % self.threads if self.threads else '') + ('; GPU cuda%d' % gpu if gpu is not None
-                                                                          else '')
-        self.say(run, '# %d. %s: %s%s' % (run.entry[0], run.entry[1], ' '.join(command[1:]), where))
+        where = ('; %d threads to start with' % self.threads if self.threads else '') + (
+            '; GPU cuda%d' % gpu if gpu is not None else '')
+        self.say(run, '# %s: %s%s' % (describe(run), ' '.join(command[1:]), where))
         logs = os.path.join(self.folder, 'logs')       # beside the records
         os.makedirs(logs, exist_ok=True)
         name = re.sub(r'[^\w.=,-]', '', label(run).replace(' ', '-'))
         with open(os.path.join(logs, '%s-%s.log' % (name, time.strftime('%Y%m%d-%H%M%S'))), 'a') as f:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=run_environment(self.threads, gpu))
+                                    env=run_environment(self.threads, gpu, os.path.dirname(claim_path(
+                                        self.folder, run, self.device, self.data))))
             self.processes.add(proc)
             if self.stopping:           # a signal came as it started
                 proc.send_signal(signal.SIGTERM)
@@ -554,13 +566,13 @@ def run(argv):
     runs = []
     for run, recorded, stopped in planned:
         if recorded:
-            print('# %s. %s: already recorded on %s, skipped' % (label(run), run.entry[1],
-                                                                device_label({'device': device})), flush=True)
+            print('# %s: already recorded on %s, skipped' % (describe(run), device_label({'device': device})),
+                  flush=True)
         else:
             runs.append(run)
     if choices.jobs > 1 and runs:
         print('# %d runs, %d at a time%s' % (len(runs), choices.jobs, ' on GPUs ' + ','.join(map(str, gpus))
-                                              if gpus else ', %d threads each' % max(1, cpu_count() // choices.jobs)),
+                                              if gpus else ', the %d cores shared among them' % cpu_count()),
               flush=True)
     failed = Sweep(runs, choices.again, device, choices.data, choices.extra, folder, choices.jobs, gpus).go()
     if failed:
@@ -899,4 +911,7 @@ if __name__ == '__main__':
         sys.exit(__doc__)
     import machine      # all run the driver (its settings); a Python that cannot is named here, with this command
     machine.require_theano_python()
-    COMMANDS[sys.argv[1]](sys.argv[2:])
+    try:
+        COMMANDS[sys.argv[1]](sys.argv[2:])
+    except KeyboardInterrupt:   # while planning: nothing started yet (once runs go, Ctrl-C lets them save)
+        sys.exit('# interrupted before any run started')
