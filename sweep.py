@@ -604,8 +604,11 @@ def slurm(argv):
         print('# nothing to run: every run asked for is recorded in %s' % folder)
         return
     os.makedirs(os.path.join(folder, 'logs'), exist_ok=True)
-    script = os.path.join(folder, 'slurm', 'sweep-%s.sbatch' % time.strftime('%Y%m%d-%H%M%S'))
-    os.makedirs(os.path.dirname(script), exist_ok=True)
+    os.makedirs(os.path.join(folder, 'slurm'), exist_ok=True)
+    stem = os.path.join(folder, 'slurm', 'sweep-%s' % time.strftime('%Y%m%d-%H%M%S'))
+    script, n = stem + '.sbatch', 1
+    while os.path.exists(script):       # another array written this second
+        script, n = '%s-%d.sbatch' % (stem, n), n + 1
     options = ['--job-name=cifar10-sweep', '--array=0-%d' % (len(lines) - 1),
                '--output=%s' % os.path.join(folder, 'logs', 'slurm-%A_%a.out'), '--open-mode=append']
     options += ['--%s=%s' % (k, v) for k, v in choices.own.items() if k != 'submit']

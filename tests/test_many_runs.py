@@ -262,18 +262,23 @@ def wait_for(env, job, timeout=600):
         time.sleep(1)
 
 
-def test_a_slurm_job_array_runs_each_pending_run_and_the_table_lists_them(slurm, tiny, tmp_path):
-    options = ['--only=1,2,6', '--'] + driver_options(tiny, tmp_path)
-    script, job = submit(slurm, *options)
-    text = open(script).read()
-    assert '#SBATCH --array=0-2\n' in text and '#SBATCH --output=%s/logs/slurm-%%A_%%a.out\n' % tmp_path in text
+def test_two_slurm_job_arrays_of_the_table_into_one_folder_run_each_run_once(slurm, tiny, tmp_path):
+    options = ['--'] + driver_options(tiny, tmp_path)
+    (first, job), (second, other) = submit(slurm, *options), submit(slurm, *options)
+    assert first != second
+    text = open(first).read()
+    assert '#SBATCH --array=0-5\n' in text and '#SBATCH --output=%s/logs/slurm-%%A_%%a.out\n' % tmp_path in text
     wait_for(slurm, job)
-    logs = sorted(os.listdir(tmp_path / 'logs'))
-    assert [name for name in logs if name.startswith('slurm-')] == ['slurm-%s_%d.out' % (job, i) for i in range(3)]
-    records = completed(tmp_path)
-    assert sorted(sweep.varied(r)[0] for r in records) == [1, 2, 6]
-    summary, every, done = sweep.table(records, records[0]['settings'])
-    assert sum(row.startswith('| %d | ' % n) for n in (1, 2, 6) for row in every) == 3
+    wait_for(slurm, other)
+    logs = sorted(name for name in os.listdir(tmp_path / 'logs') if name.startswith('slurm-'))
+    assert logs == sorted('slurm-%s_%d.out' % (j, i) for j in (job, other) for i in range(6))
+    records = sweep.read_records(str(tmp_path))
+    assert sorted(sweep.varied(r)[0] for r in records) == [1, 2, 3, 4, 5, 6]           # each once, all completed
+    assert len(completed(tmp_path)) == 6
+    default = next(r for r in records if sweep.varied(r)[0] == 1)
+    summary, every, done = sweep.table(records, default['settings'])
+    rows = [re.match(r'\| (\d) \| (.*?) \| ', row).groups() for row in every if 'NL/NV/NT 400/100/100' in row]
+    assert sorted(rows) == [(str(n), 'data NL/NV/NT 400/100/100') for n in range(1, 7)]   # each under its own
     assert subprocess.run(SWEEP + ['slurm'] + options, env=slurm, capture_output=True, text=True,
                           timeout=300).stdout.startswith('# nothing to run')
 
