@@ -44,15 +44,7 @@ resume = None            # a stopped run's parameter file (its log ends with the
 
 import machine                          # noqa: E402  (first: Theano's flags, the BLAS kernels)
 import runlog                           # noqa: E402
-
-config = runlog.config_names(globals())
-runlog.apply_overrides(globals(), config, sys.argv[1:])
-
-import numpy as np                      # noqa: E402
-import nnet                             # noqa: E402
 import cifar10                          # noqa: E402
-import convnet                          # noqa: E402
-from download import DataError, default_datadir   # noqa: E402
 
 
 def check_shapes():
@@ -66,8 +58,16 @@ def check_shapes():
                       % (mh, mw, W1dim[1], W1dim[2]))
 
 
+config = runlog.config_names(globals())
+runlog.apply_overrides(globals(), config, sys.argv[1:], check_shapes)
+
+import numpy as np                      # noqa: E402
+import nnet                             # noqa: E402
+import convnet                          # noqa: E402
+from download import DataError, default_datadir   # noqa: E402
+
+
 def main():
-    check_shapes()
     conv_used = convnet.conv_impl(conv)
     out_folder = runlog.folder('outdir', outdir)
     data_folder = runlog.folder('datadir', datadir or default_datadir())

@@ -29,22 +29,23 @@ def config_names(namespace):
             and isinstance(v, (bool, int, float, str, tuple, type(None)))]
 
 
-def apply_overrides(namespace, names, argv):
+def apply_overrides(namespace, names, argv, check=None):
     """Apply --name=value arguments to the driver's globals; values are Python literals.
 
     Unknown names are rejected with the list of valid ones; each override is printed;
-    check_settings then checks every value.  --help or -h (after any overrides, checked too)
+    check_settings then checks every value, and `check` (if given) how they fit together.
+    --help or -h (after any overrides, checked too)
     prints the settings and exits; --help=json prints them as one JSON line, with the device
     (for sweep.py, which checks a grid's values so, and the benchmarks).  An output pipe already closed ends the run as in run_driver
     (`| head -1` with unbuffered output, PYTHONUNBUFFERED=1, can close it this early).
     """
     try:
-        _apply_overrides(namespace, names, argv)
+        _apply_overrides(namespace, names, argv, check)
     except BrokenPipeError:
         sys.exit(closed_pipe_before_training())
 
 
-def _apply_overrides(namespace, names, argv):
+def _apply_overrides(namespace, names, argv, check):
     overridden, help_asked = set(), None
     for arg in argv:
         if arg in ('--help', '-h', '--help=json'):
@@ -65,6 +66,10 @@ def _apply_overrides(namespace, names, argv):
         overridden.add(name)
         print('# override: %s = %r' % (name, value))
     check_settings(namespace, names)
+    if namespace.get('resume'):
+        adopt_resumed_run(namespace, names, overridden)
+    if check:
+        check()
     if help_asked == '--help=json':
         print(json.dumps({'device': machine.device_description(), 'settings': {k: namespace[k] for k in names}}))
         sys.exit(0)
@@ -72,8 +77,6 @@ def _apply_overrides(namespace, names, argv):
         lines = [sys.modules['__main__'].__doc__ or ''] + ['#   --%s=%r' % (k, namespace[k]) for k in names]
         say('\n'.join(lines + ['# device here: %s' % machine.device_description()]))    # `| head` too
         sys.exit(0)
-    if namespace.get('resume'):
-        adopt_resumed_run(namespace, names, overridden)
 
 
 # Settings a resumed run may override; the others set the stopped run's course.

@@ -67,6 +67,10 @@ def test_the_grid_crosses_the_configurations_and_the_driver_checks_each_value_fi
                           capture_output=True, text=True, timeout=300)
     assert stop.returncode == 1 and '--grid point --eta=-1: error: --eta=-1.0: needs a positive number' in stop.stderr
     assert not os.path.exists(tmp_path / 'logs')                  # nothing started
+    stop = subprocess.run(SWEEP + ['run', '--only=5', '--grid=W1dim=[(16,5,5),(16,9,9)] ds1=[(26,26)]', '--']
+                          + driver_options(tiny, tmp_path), capture_output=True, text=True, timeout=300)
+    assert stop.returncode == 1 and ('--grid point --W1dim=(16,9,9) --ds1=(26,26): error: --ds1=(26, 26): needs a '
+                                     'window of at most 24x24, the map that 9x9 filters leave') in stop.stderr
 
 
 def test_grid_runs_are_tabulated_under_their_configuration():
