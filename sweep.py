@@ -18,10 +18,10 @@ stopped (Ctrl-C, SIGTERM from `kill` or a scheduler's time limit) goes on from t
 minibatch (--resume=its parameter file), one killed outright from its last logged row
 (--resume=its checkpoint); --again runs completed ones anyway (after a change of code, flags
 or BLAS, which the settings do not capture: the records and the table keep both runs).
---jobs=N runs N at once: on the CPU they share the cores (cores / N threads each, and the cores
-of a run that ends go to those still going), with device=cuda each its own
-GPU (--devices=0,1 names them; else every GPU there is).  Each run's record is a file of its
-own in the drivers' outdir, so any number of sweeps, on this machine or on the nodes of a
+--jobs=N runs N at once: on the CPU they share the cores (cores / N threads each, and the
+cores of a run that ends go to those still going), with device=cuda each on a GPU of its own
+(--devices=0,1 names them; else every GPU there is).  Each run's record is a file of its own
+in the drivers' outdir, so any number of sweeps, on this machine or on the nodes of a
 cluster sharing the folder, write there at once; a run is claimed (outdir/claims/) while it
 goes on, so that two sweeps never run it twice at the same time.
 `table` needs matplotlib for the pictures (pip install -r requirements-plot.txt).
