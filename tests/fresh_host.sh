@@ -83,9 +83,11 @@ done
 if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
   mkdir -p "$ROOTFS/usr/local/share/ca-certificates" && cp /usr/local/share/ca-certificates/*.crt "$ROOTFS/usr/local/share/ca-certificates/"
 fi
-for fs in proc sys dev; do mount --bind "/$fs" "$ROOTFS/$fs"; done
+# with their submounts (/sys/fs/cgroup: slurmd needs it), as slaves: unmounting them here never
+# unmounts the host's
+for fs in proc sys dev; do mount --rbind "/$fs" "$ROOTFS/$fs" && mount --make-rslave "$ROOTFS/$fs"; done
 trap 'for fs in dev sys proc; do umount -l "$ROOTFS/$fs"; done' EXIT
-in_root() { HOME=/home/user/home chroot "$ROOTFS" /bin/bash -lc "$1"; }
+in_root() { HOME=/home/user/home chroot "$ROOTFS" /usr/bin/env -u CIFAR10_REAL_DATADIR /bin/bash -lc "$1"; }   # the host's data path means nothing there
 
 # Debian 11 and 12 as their users have them: with their python3 (Debian 13 stays without, so
 # setup.sh brings its Python 3.11); CI's machines have a python3 and its venv
