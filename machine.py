@@ -26,7 +26,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 
 import gpustack
 import openblas
@@ -570,57 +569,6 @@ def set_threads(n):
     except OSError:             # no OpenMP runtime
         pass
     openblas.set_threads(n)
-
-
-class CoreShare:
-    """A run of `sweep.py run --jobs=N` on the CPU, whose environment names the sweep's folder of
-    claims (SHARED_CORES): the cores this process may use are divided among the runs claimed
-    there from this host, and the threads follow this run's share, looked at once a second, so
-    that the cores a finished run leaves go to those still going.  Call it between minibatches."""
-
-    def __init__(self, folder, cores=None, clock=time.time):
-        self.folder, self.clock = folder, clock
-        self.cores = cores or len(os.sched_getaffinity(0))
-        self.threads, self.last = None, 0.0
-
-    def runs(self):
-        """The runs claimed from this host, their sweeps alive."""
-        count = 0
-        for name in os.listdir(self.folder) if os.path.isdir(self.folder) else ():
-            try:
-                with open(os.path.join(self.folder, name)) as f:
-                    holder = json.load(f)
-            except (OSError, ValueError):
-                continue                # gone, or being written
-            if not isinstance(holder, dict) or holder.get('host') != platform.node() or type(holder.get('pid')) is not int:
-                continue
-            try:
-                os.kill(holder['pid'], 0)
-            except ProcessLookupError:
-                continue
-            except PermissionError:     # another user's: alive
-                pass
-            count += 1
-        return count
-
-    def __call__(self, *progress):
-        now = self.clock()
-        if now - self.last < 1:
-            return
-        self.last = now
-        threads = max(1, self.cores // max(1, self.runs()))
-        if threads != self.threads:
-            set_threads(threads)
-            self.threads = threads
-
-
-SHARED_CORES = 'NNET_SHARED_CORES'
-
-
-def core_share():
-    """The CoreShare of a sweep's run that divides the cores, else None."""
-    folder = os.environ.get(SHARED_CORES)
-    return CoreShare(folder) if folder and not gpu_asked() else None
 
 
 def memory_used():

@@ -17,7 +17,7 @@ import time
 import download
 import machine
 from nnet import TrainingDiverged
-from sweep import minutes, saved_settings, SAVED_SETTINGS_ERRORS   # sweep imports no Theano
+from sweep import CoreShare, minutes, saved_settings, SAVED_SETTINGS_ERRORS, SHARED_CORES   # sweep imports no Theano
 
 import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402
@@ -460,8 +460,8 @@ def train_and_log(trainer, nepoch, script, settings, info, outdir, t_start, t_da
         trainer.stop_requested = True
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     trainer.progress = progress = Progress(nepoch)
-    share = machine.core_share()
-    if share:                           # its threads follow its share of the cores, between minibatches
+    if os.environ.get(SHARED_CORES) and not machine.gpu_asked():    # a sweep's run: its share of the cores
+        share = CoreShare(os.environ[SHARED_CORES], machine.set_threads)
         trainer.progress = lambda *done: (share(), progress(*done))
     if first > 0:
         progress.before = first - 1 + start[0] / len(trainer.batches('L'))

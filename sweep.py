@@ -121,9 +121,14 @@ def as_recorded(overrides):
     return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
+def setting(name, value):
+    """name=value, the value a Python literal without spaces."""
+    return '%s=%s' % (name, repr(value).replace(', ', ','))
+
+
 def setting_arg(name, value):
-    """--name=value as the driver reads it (a Python literal)."""
-    return '--%s=%s' % (name, repr(value).replace(', ', ','))
+    """--name=value as the driver reads it."""
+    return '--' + setting(name, value)
 
 
 # A run of a sweep: a CONFIGS entry, the point of the grid crossed with it ({name: value}), the
@@ -133,7 +138,7 @@ Run = collections.namedtuple('Run', 'entry point settings args')
 
 def label(run):
     """The run in a line: its configuration's number and its point of the grid."""
-    return ' '.join(['%d' % run.entry[0]] + ['%s=%s' % (k, repr(v).replace(', ', ',')) for k, v in run.point.items()])
+    return ' '.join(['%d' % run.entry[0]] + [setting(k, v) for k, v in run.point.items()])
 
 
 def describe(run):
@@ -340,6 +345,43 @@ class Heartbeat(threading.Thread):
                         pass
 
 
+SHARED_CORES = 'NNET_SHARED_CORES'     # names a sweep's claims to a driver whose cores it shares
+
+
+class CoreShare:
+    """In a run of `sweep.py run --jobs=N` on the CPU (SHARED_CORES names the sweep's claims):
+    the cores this process may use divided among the runs claimed there from this host, their
+    sweeps alive, looked at once a second; set_threads(n) when this run's share changes, so
+    that the cores of a run that ends go to those still going.  Call it between minibatches."""
+
+    def __init__(self, folder, set_threads, cores=None, clock=time.time):
+        self.folder, self.set_threads, self.clock = folder, set_threads, clock
+        self.cores = cores or cpu_count()
+        self.threads, self.last = None, 0.0
+
+    def runs(self):
+        count = 0
+        for name in os.listdir(self.folder) if os.path.isdir(self.folder) else ():
+            try:
+                with open(os.path.join(self.folder, name)) as f:
+                    holder = json.load(f)
+            except (OSError, ValueError):
+                continue                # gone, or being written
+            count += (isinstance(holder, dict) and holder.get('host') == platform.node()
+                      and type(holder.get('pid')) is int and process_alive(holder['pid']))
+        return count
+
+    def __call__(self):
+        now = self.clock()
+        if now - self.last < 1:
+            return
+        self.last = now
+        threads = max(1, self.cores // max(1, self.runs()))
+        if threads != self.threads:
+            self.set_threads(threads)
+            self.threads = threads
+
+
 # ---------------------------------------------------------------- run: here, N at a time
 
 def cpu_count():
@@ -391,13 +433,12 @@ def gpu_numbers(text, jobs):
 
 def run_environment(threads, gpu, claims=None):
     """The driver's environment: its share of the cores (threads to start with, unless the user
-    set them, then machine.CoreShare divides the cores among the runs claimed in `claims`), or
+    set them, then CoreShare divides the cores among the runs claimed in `claims`), or
     its own GPU."""
-    import machine
     env = dict(os.environ)
     if threads:
         if claims and not {'OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS'} & set(os.environ):
-            env[machine.SHARED_CORES] = claims
+            env[SHARED_CORES] = claims
         for name in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS'):
             env.setdefault(name, str(threads))
     if gpu is not None:
@@ -537,7 +578,8 @@ class Choices:
                 self.extra.append(arg)
 
     def pending(self):
-        """(device, records' folder, [(run, stopped file or None)] of the runs not yet recorded)."""
+        """(device, the data's fingerprint, the records' folder, [(run, recorded, stopped file or
+        None)] of the runs asked for)."""
         device, runs = plan(self.only, self.points, self.extra)
         import cifar10
         base = runs[0].settings
@@ -547,9 +589,8 @@ class Choices:
         except cifar10.DataError as e:
             sys.exit('error: %s' % e)
         folder = records_folder(base)
-        self.data = data_fingerprint
-        return device, folder, [(run, recorded, stopped) for run, recorded, stopped in
-                                to_run(runs, self.again, device, data_fingerprint, read_records(folder), folder)]
+        return device, data_fingerprint, folder, to_run(runs, self.again, device, data_fingerprint,
+                                                        read_records(folder), folder)
 
     def single_run(self, run):
         """A command line of this sweep for this run alone: itself a sweep, which skips the run if
@@ -562,7 +603,7 @@ class Choices:
 def run(argv):
     choices = Choices(argv)
     gpus = gpu_numbers(choices.devices, choices.jobs)
-    device, folder, planned = choices.pending()
+    device, data_fingerprint, folder, planned = choices.pending()
     runs = []
     for run, recorded, stopped in planned:
         if recorded:
@@ -574,7 +615,7 @@ def run(argv):
         print('# %d runs, %d at a time%s' % (len(runs), choices.jobs, ' on GPUs ' + ','.join(map(str, gpus))
                                               if gpus else ', the %d cores shared among them' % cpu_count()),
               flush=True)
-    failed = Sweep(runs, choices.again, device, choices.data, choices.extra, folder, choices.jobs, gpus).go()
+    failed = Sweep(runs, choices.again, device, data_fingerprint, choices.extra, folder, choices.jobs, gpus).go()
     if failed:
         sys.exit('# %d of %d runs did not complete (%s); run the sweep again to resume them'
                  % (len(failed), len(runs), '; '.join(label(r) for r in failed)))
@@ -583,7 +624,7 @@ def run(argv):
 def commands(argv):
     """One shell line per pending run, each a sweep of that run alone (`| parallel -j N`)."""
     choices = Choices(argv)
-    device, folder, planned = choices.pending()
+    device, data_fingerprint, folder, planned = choices.pending()
     threads = max(1, cpu_count() // choices.jobs) if choices.jobs > 1 else None
     for run, recorded, stopped in planned:
         if not recorded:
@@ -598,7 +639,7 @@ def slurm(argv):
     """A Slurm job-array script: task i runs pending run i (a sweep of that run alone, so that a
     task ended by its time limit or scancel goes on from where it stopped when resubmitted)."""
     choices = Choices(argv, SLURM_OPTIONS)
-    device, folder, planned = choices.pending()
+    device, data_fingerprint, folder, planned = choices.pending()
     lines = [choices.single_run(run) for run, recorded, stopped in planned if not recorded]
     if not lines:
         print('# nothing to run: every run asked for is recorded in %s' % folder)

@@ -395,36 +395,6 @@ def test_setup_says_ready_only_when_the_venv_imports_what_it_set_up(tmp_path):
                                                    'ImportError: libpython3.11.so.1.0: cannot open')
 
 
-def test_a_sweeps_run_follows_its_share_of_the_cores(tmp_path, monkeypatch):
-    """Runs of `sweep.py run --jobs=N` divide the cores among the runs claimed from this host."""
-    set_to, clock = [], [100.0]
-    monkeypatch.setattr(machine, 'set_threads', set_to.append)
-    share = machine.CoreShare(str(tmp_path), cores=4, clock=lambda: clock[0])
-    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
-    gone.wait()
-    for name, holder in (('a', {'host': platform.node(), 'pid': os.getpid()}),
-                         ('b', {'host': platform.node(), 'pid': os.getpid()}),
-                         ('c', {'host': 'elsewhere', 'pid': os.getpid()}),       # another node's: its own cores
-                         ('d', {'host': platform.node(), 'pid': gone.pid})):     # its sweep gone
-        (tmp_path / (name + '.claim')).write_text(json.dumps(holder))
-    (tmp_path / 'e.claim').write_text('{"host": ')                              # being written
-    share('epoch 1', 1, 400)
-    assert set_to == [2]
-    os.remove(tmp_path / 'b.claim')                  # a run ended
-    share('epoch 1', 2, 400)
-    assert set_to == [2]                             # looked at once a second
-    clock[0] += 1
-    share('epoch 1', 3, 400)
-    assert set_to == [2, 4]
-    clock[0] += 1
-    share('epoch 1', 4, 400)
-    assert set_to == [2, 4]                          # set again only when it changes
-    monkeypatch.setenv(machine.SHARED_CORES, str(tmp_path))
-    assert isinstance(machine.core_share(), machine.CoreShare)
-    monkeypatch.delenv(machine.SHARED_CORES)
-    assert machine.core_share() is None
-
-
 def test_set_threads_reaches_openmp_and_every_loaded_openblas():
     import ctypes
     import numpy as np

@@ -108,6 +108,31 @@ def test_runs_share_the_cores_or_take_a_gpu_each(monkeypatch):
         sweep.gpu_numbers('0,1', 2)
 
 
+def test_a_sweeps_run_follows_its_share_of_the_cores(tmp_path):
+    """Runs of `sweep.py run --jobs=N` divide the cores among the runs claimed from this host."""
+    set_to, clock = [], [100.0]
+    share = sweep.CoreShare(str(tmp_path), set_to.append, cores=4, clock=lambda: clock[0])
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait()
+    for name, holder in (('a', {'host': socket.gethostname(), 'pid': os.getpid()}),
+                         ('b', {'host': socket.gethostname(), 'pid': os.getpid()}),
+                         ('c', {'host': 'elsewhere', 'pid': os.getpid()}),       # another node's: its own cores
+                         ('d', {'host': socket.gethostname(), 'pid': gone.pid})):     # its sweep gone
+        (tmp_path / (name + '.claim')).write_text(json.dumps(holder))
+    (tmp_path / 'e.claim').write_text('{"host": ')                              # being written
+    share()
+    assert set_to == [2]
+    os.remove(tmp_path / 'b.claim')                  # a run ended
+    share()
+    assert set_to == [2]                             # looked at once a second
+    clock[0] += 1
+    share()
+    assert set_to == [2, 4]
+    clock[0] += 1
+    share()
+    assert set_to == [2, 4]                          # set again only when it changes
+
+
 def test_a_claim_is_held_by_one_live_process(tmp_path, monkeypatch):
     path = str(tmp_path / 'claims' / 'x.claim')
     assert sweep.take_claim(path, '1') is None
