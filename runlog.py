@@ -17,7 +17,8 @@ import time
 import download
 import machine
 from nnet import TrainingDiverged
-from sweep import CoreShare, minutes, saved_settings, SAVED_SETTINGS_ERRORS, SHARED_CORES   # sweep imports no Theano
+from sweep import (CoreShare, minutes, RECORD_SUFFIX, saved_settings, SAVED_SETTINGS_ERRORS,   # sweep imports
+                   SHARED_CORES)                                                                 # no Theano
 
 import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402
@@ -34,10 +35,10 @@ def apply_overrides(namespace, names, argv, check=None):
 
     Unknown names are rejected with the list of valid ones; each override is printed;
     check_settings then checks every value, and `check` (if given) how they fit together.
-    --help or -h (after any overrides, checked too)
-    prints the settings and exits; --help=json prints them as one JSON line, with the device
-    (for sweep.py, which checks a grid's values so, and the benchmarks).  An output pipe already closed ends the run as in run_driver
-    (`| head -1` with unbuffered output, PYTHONUNBUFFERED=1, can close it this early).
+    --help or -h (after any overrides, checked too) prints the settings and exits;
+    --help=json prints them as one JSON line, with the device (for sweep.py, which checks a
+    grid's values so, and the benchmarks).  An output pipe already closed ends the run as in
+    run_driver (`| head -1` with unbuffered output, PYTHONUNBUFFERED=1, can close it this early).
     """
     try:
         _apply_overrides(namespace, names, argv, check)
@@ -311,7 +312,7 @@ def waiting(text):
 
 def record_path(params_path):
     """A run's record file: beside its parameter file, of the same name."""
-    return params_path[:-len('.npz')] + '.record.json'
+    return params_path[:-len('.npz')] + RECORD_SUFFIX
 
 
 def write_record(path, record):
@@ -340,7 +341,7 @@ def new_params_path(folder, script, suffix='.npz'):
     (neither it nor its record file exists)."""
     first = os.path.join(folder, '%s-%s-%d' % (script, time.strftime('%Y%m%d-%H%M%S'), os.getpid()))
     stem, n = first, 1
-    while os.path.exists(stem + suffix) or os.path.exists(stem + '.record.json'):
+    while os.path.exists(stem + suffix) or os.path.exists(stem + RECORD_SUFFIX):
         stem, n = '%s-%d' % (first, n), n + 1
     return stem + suffix
 

@@ -52,6 +52,7 @@ import download
 HERE = os.path.dirname(os.path.abspath(__file__))
 DRIVER = os.path.join(HERE, 'cifar10_convnet.py')
 RECORDS = os.path.join(HERE, 'runs')                  # the drivers' outdir: every run's record and parameters
+RECORD_SUFFIX = '.record.json'                        # a run's record: its parameter file's name, this suffix
 LEGACY_RECORDS = 'results.jsonl'                      # where older versions appended their records
 PAGE = os.path.join(HERE, 'RESULTS.md')              # the newest run of each configuration, the pictures
 HISTORY = os.path.join(HERE, 'docs', 'history.md')    # every run
@@ -88,7 +89,7 @@ def read_records(folder=RECORDS):
                         records.append(json.loads(line))
                     except ValueError:
                         sys.stderr.write('warning: %s, line %d is damaged; skipped\n' % (legacy, number))
-    for path in sorted(glob.glob(os.path.join(folder, '*.record.json'))):
+    for path in sorted(glob.glob(os.path.join(folder, '*' + RECORD_SUFFIX))):
         try:
             with open(path) as f:
                 records.append(json.load(f))
@@ -136,14 +137,18 @@ def setting_arg(name, value):
 Run = collections.namedtuple('Run', 'entry point settings args')
 
 
+def point_text(run):
+    return ' '.join(setting(k, v) for k, v in run.point.items())
+
+
 def label(run):
     """The run in a line: its configuration's number and its point of the grid."""
-    return ' '.join(['%d' % run.entry[0]] + [setting(k, v) for k, v in run.point.items()])
+    return ('%d %s' % (run.entry[0], point_text(run))).strip()
 
 
 def describe(run):
     """The run for the log: its configuration and its point of the grid."""
-    return '%d. %s%s' % (run.entry[0], run.entry[1], ', with ' + label(run).split(' ', 1)[1] if run.point else '')
+    return '%d. %s%s' % (run.entry[0], run.entry[1], ', with ' + point_text(run) if run.point else '')
 
 
 def grid_points(text):
@@ -282,9 +287,25 @@ CLAIM_HEARTBEAT = 30        # seconds between touches of a held claim
 CLAIM_SILENT = 180          # a claim not touched for this long is its process's no more (another node's)
 
 
+def claims_folder(folder):
+    return os.path.join(folder, 'claims')
+
+
 def claim_path(folder, run, device, data_fingerprint):
     key = json.dumps([settings_key(run.settings), device_label({'device': device}), data_fingerprint])
-    return os.path.join(folder, 'claims', hashlib.sha1(key.encode()).hexdigest()[:16] + '.claim')
+    return os.path.join(claims_folder(folder), hashlib.sha1(key.encode()).hexdigest()[:16] + '.claim')
+
+
+def read_claim(path):
+    """What a claim says of its holder ({} while it is being written), None if it is gone."""
+    try:
+        with open(path) as f:
+            holder = json.loads(f.read() or '{}')
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def take_claim(path, what):
@@ -310,12 +331,11 @@ def claim_holder(path):
     """Who holds the claim at path, or None after removing it if its holder is gone."""
     try:
         silent = time.time() - os.path.getmtime(path)
-        with open(path) as f:
-            holder = json.loads(f.read() or '{}')
     except FileNotFoundError:
         return None
-    except ValueError:              # being written
-        holder = {}
+    holder = read_claim(path)
+    if holder is None:
+        return None
     gone = holder.get('host') == platform.node() and not process_alive(holder.get('pid', 0))
     if not gone and silent < CLAIM_SILENT:
         return '%s, process %s on %s since %s' % (path, holder.get('pid', '?'), holder.get('host', '?'),
@@ -363,12 +383,11 @@ class CoreShare:
         count = 0
         for name in os.listdir(self.folder) if os.path.isdir(self.folder) else ():
             try:
-                with open(os.path.join(self.folder, name)) as f:
-                    holder = json.load(f)
-            except (OSError, ValueError):
-                continue                # gone, or being written
-            count += (isinstance(holder, dict) and holder.get('host') == platform.node()
-                      and type(holder.get('pid')) is int and process_alive(holder['pid']))
+                holder = read_claim(os.path.join(self.folder, name))
+            except OSError:
+                continue
+            count += bool(holder and holder.get('host') == platform.node() and type(holder.get('pid')) is int
+                          and process_alive(holder['pid']))
         return count
 
     def __call__(self):
@@ -431,6 +450,11 @@ def gpu_numbers(text, jobs):
     return numbers
 
 
+def threads_each(jobs):
+    """The threads of each of `jobs` runs at once on the CPU, to start with."""
+    return max(1, cpu_count() // jobs)
+
+
 def run_environment(threads, gpu, claims=None):
     """The driver's environment: its share of the cores (threads to start with, unless the user
     set them, then CoreShare divides the cores among the runs claimed in `claims`), or
@@ -454,7 +478,7 @@ class Sweep:
         self.runs, self.again, self.device, self.data = runs, again, device, data_fingerprint
         self.extra, self.folder, self.jobs = extra, folder, jobs
         # on the CPU, cores / N threads to start with; then each run follows its share (CoreShare)
-        self.threads = None if gpus is not None or jobs == 1 else max(1, cpu_count() // jobs)
+        self.threads = None if gpus is not None or jobs == 1 else threads_each(jobs)
         self.gpus = None
         if gpus is not None:
             self.gpus = queue.Queue()
@@ -478,7 +502,7 @@ class Sweep:
                 proc.send_signal(signal.SIGTERM)
 
     def go(self):
-        """Every run, `jobs` at a time; returns the number of runs that did not end well."""
+        """Every run, `jobs` at a time; returns the runs that did not end well."""
         previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.heartbeat.start()
         try:
@@ -539,8 +563,7 @@ class Sweep:
         name = re.sub(r'[^\w.=,-]', '', label(run).replace(' ', '-'))
         with open(os.path.join(logs, '%s-%s.log' % (name, time.strftime('%Y%m%d-%H%M%S'))), 'a') as f:
             proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env=run_environment(self.threads, gpu, os.path.dirname(claim_path(
-                                        self.folder, run, self.device, self.data))))
+                                    env=run_environment(self.threads, gpu, claims_folder(self.folder)))
             self.processes.add(proc)
             if self.stopping:           # a signal came as it started
                 proc.send_signal(signal.SIGTERM)
@@ -625,7 +648,7 @@ def commands(argv):
     """One shell line per pending run, each a sweep of that run alone (`| parallel -j N`)."""
     choices = Choices(argv)
     device, data_fingerprint, folder, planned = choices.pending()
-    threads = max(1, cpu_count() // choices.jobs) if choices.jobs > 1 else None
+    threads = threads_each(choices.jobs) if choices.jobs > 1 else None
     for run, recorded, stopped in planned:
         if not recorded:
             prefix = ['env', 'OMP_NUM_THREADS=%d' % threads, 'OPENBLAS_NUM_THREADS=%d' % threads] if threads else []
