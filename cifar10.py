@@ -23,11 +23,14 @@ import sys
 import threading
 import time
 
-import machine  # noqa: F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
-import numpy as np
+if __name__ == '__main__':     # run as a script: the drivers' settings first (numpy's BLAS kernels)
+    from engine import machine
+    machine.set_up(theano=False)
 
-from download import (DataError, Dataset, default_datadir, download, extract_tar, fingerprint, md5sum, resolve,
-                      scaled_and_centred, split_rows)
+import numpy as np  # noqa: E402
+
+from engine.download import (DataError, Dataset, default_datadir, download, extract_tar, fingerprint,  # noqa: E402
+                             md5sum, resolve, scaled_and_centred, split_rows)
 
 URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
 ARCHIVE = 'cifar-10-python.tar.gz'

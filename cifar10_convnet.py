@@ -42,8 +42,11 @@ datanote = ''            # free text kept with the record, e.g. where the data c
 resume = None            # a stopped run's parameter file (its log ends with the command): go on
                          # from where it stopped, with its settings; nepoch may grow
 
-import machine                          # noqa: E402  (first: Theano's flags, the BLAS kernels)
-import runlog                           # noqa: E402
+from engine import machine              # noqa: E402
+
+machine.set_up()                        # the machine set-up, before anything loads numpy or Theano
+
+from engine import runlog               # noqa: E402
 import cifar10                          # noqa: E402
 
 
@@ -64,7 +67,7 @@ runlog.apply_overrides(globals(), config, sys.argv[1:], check_shapes)
 import numpy as np                      # noqa: E402
 import nnet                             # noqa: E402
 import convnet                          # noqa: E402
-from download import DataError, default_datadir   # noqa: E402
+from engine.download import DataError, default_datadir   # noqa: E402
 
 
 def main():

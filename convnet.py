@@ -2,14 +2,13 @@
 
 Cost, updates, evaluation, saving: nnet.Network and nnet.Trainer, unchanged.
 """
-import machine                               # first: Theano's flags, the BLAS kernels
 import nnet
 import numpy as np
 import theano.tensor as T
 from theano.tensor.nnet.neighbours import images2neibs
 from theano.tensor.signal.pool import pool_2d
 
-import cpuops
+from engine import cpuops, machine
 
 CONV_IMPLS = ('conv2d', 'im2col')
 

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from download import DataError, Dataset, default_datadir, download, fingerprint, scaled_and_centred, split_rows
+from engine.download import DataError, Dataset, default_datadir, download, fingerprint, scaled_and_centred, split_rows
 
 MIRRORS = ['https://ossci-datasets.s3.amazonaws.com/mnist/',
            'https://storage.googleapis.com/cvdf-datasets/mnist/']

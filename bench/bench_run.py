@@ -27,8 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
-import machine  # noqa: E402,F401  (first: the BLAS kernels, before numpy loads its OpenBLAS)
-import bench_train  # noqa: E402  (the configurations, the twin's network, --name=value options)
+import bench_train  # noqa: E402  (first: the machine's settings; the configurations, the twin, --name=value options)
+from engine import machine  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROW = re.compile(r'^(\d+) \| .* \| ([\d.]+) s$', re.M)

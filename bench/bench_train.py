@@ -36,7 +36,9 @@ import time
 USER_ENV = dict(os.environ)     # before machine adds its settings: each side's process starts from this
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-import machine  # noqa: E402  (first: the BLAS kernels, before numpy loads its OpenBLAS)
+from engine import machine  # noqa: E402
+
+machine.set_up(theano=False)    # the BLAS kernels, before numpy loads its OpenBLAS; Theano's side makes the rest
 import numpy as np  # noqa: E402
 
 Setup = collections.namedtuple('Setup', 'driver xdim NL hidden eta mu lam convpool')
@@ -68,7 +70,7 @@ def theano_trainer(config, X, y, conv):
 
 
 def theano_step(config, X, y, batches, conv):
-    import runlog
+    from engine import runlog
     trainer = theano_trainer(config, X, y, conv)
     runlog.print_ops(trainer)
     spans = trainer.batches('L')[:batches]
@@ -84,7 +86,7 @@ def theano_step(config, X, y, batches, conv):
 
 def as_pytorch_runs(user_env=USER_ENV):
     """The twin runs as PyTorch users run it: the user's environment, less the OpenMP and OpenBLAS
-    thread settings that machine.py makes for Theano (GOMP_SPINCOUNT is read by PyTorch's OpenMP
+    thread settings that machine.set_up makes for Theano (GOMP_SPINCOUNT is read by PyTorch's OpenMP
     too); the BLAS kernels stay as chosen.  Call before importing torch."""
     for name in ('GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT'):
         if name not in user_env:
@@ -235,8 +237,9 @@ def main(argv):
         sys.exit('error: --torch-mode=%s: needs eager, or graph with --torch-device=cuda' % torch_mode)
     if opts['only']:                            # one side, in this process
         if opts['only'] == 'theano':
+            machine.set_up()
             import convnet
-            import runlog
+            from engine import runlog
             runlog.print_run_info()
             machine.require_gpu_if_asked()  # not CPU figures under a GPU label
             print('# convolution: %s' % convnet.conv_impl(conv))
@@ -251,7 +254,8 @@ def main(argv):
                               torch_mode) * CONFIGS[config].NL / BATCH
             print('%-12s %s %.3f' % (config, opts['only'], seconds), flush=True)
         return
-    import runlog
+    machine.set_up()
+    from engine import runlog
     runlog.print_run_info()
     sides = ['theano']
     if importlib.util.find_spec('torch'):

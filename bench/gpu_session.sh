@@ -15,7 +15,7 @@
 #   bench             seconds per training epoch: Theano (conv im2col and conv2d) and the PyTorch twin, eager and as one CUDA graph a step
 #                     (the machine's own python3) on the same GPU, default and 64-overlap
 #   profile           Theano's profile of the default training step on the GPU
-#   cpu-default       the published run on this machine's CPU (device=cpu; machine.py picks the BLAS)
+#   cpu-default       the published run on this machine's CPU (device=cpu; engine/machine.py picks the BLAS)
 #   gpu-default-warm  the published run again, compile cache warm: the 60 s target
 #   gpu-64-overlap    64 filters, overlapping 4x4 pooling at stride 2
 #   gpu-64            64 filters

@@ -1,7 +1,8 @@
 """Shared fixtures: small data sets written in the official formats, and Theano's strict flags.
 
-No test downloads anything.  Theano is told to raise on optimizer and shape errors
-before any test module imports it (subprocesses inherit the flags).
+No test downloads anything.  Theano is told to raise on optimizer and shape errors, and the
+machine is set up as the drivers set it up, before any test module imports numpy or Theano
+(subprocesses inherit the flags).
 """
 import glob
 import gzip
@@ -12,13 +13,17 @@ import struct
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ['THEANO_FLAGS'] = ','.join(filter(None, [
     os.environ.get('THEANO_FLAGS', ''), 'on_opt_error=raise', 'on_shape_error=raise']))
+
+from engine import machine  # noqa: E402
+
+machine.set_up()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 SHARED = os.path.join(ROOT, '..', 'shared')
 
 

@@ -5,11 +5,11 @@ import tempfile
 import numpy as np
 import pytest
 
-import machine
-import nnet  # noqa: F401  (installs machine.compile_in_parallel, as in every driver)
 import theano
 import theano.tensor as T
 from theano.gof import cmodule, compilelock
+
+from engine import machine
 
 
 class Doubled(theano.gof.Op):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import convnet
-import gpustack
 import nnet
+from engine import gpustack
 import theano
 import theano.tensor as T
 from conftest import ROOT, driver_settings, make_cifar, make_mnist, only_record

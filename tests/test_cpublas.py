@@ -3,10 +3,9 @@ gradients' sums, against numpy in float64, and where Theano's optimizer puts the
 import numpy as np
 import pytest
 
-import machine  # noqa: F401  (first: Theano's flags)
 import convnet
-import cpublas
 import nnet
+from engine import cpublas, machine
 import theano
 import theano.tensor as T
 from theano.tensor import blas
@@ -58,7 +57,7 @@ def test_dot_equals_numpys(M, K, N, orders):
     x, y = rng.randn(M, K).astype('float32'), rng.randn(K, N).astype('float32')
     x_, y_ = T.matrices('x', 'y')
     f = theano.function([x_, y_], T.dot(x_, y_))
-    assert products(f) == [('cpublas', 'Dot22')]
+    assert products(f) == [('engine.cpublas', 'Dot22')]
     assert_product_close(f(stored(x, orders[0]), stored(y, orders[1])), x, y)
 
 
@@ -224,13 +223,13 @@ def test_the_published_step_uses_the_kernel():
     net = convnet.CNN(rng, (3, 32, 32), [(16, (5, 5), (4, 4), None)], [1000], 10)
     trainer = nnet.Trainer(net, {'L': (X, y)}, 100, 0.01, 0.9, 0.0001, input_shape=(3, 32, 32))
     # forward and input gradient: Dot22; the weights' gradients in the momentum update: MomentumGemm
-    assert products(trainer.train_fn) == [('cpublas', 'Dot22')] * 4 + [('cpublas', 'MomentumGemm')] * 2
+    assert products(trainer.train_fn) == [('engine.cpublas', 'Dot22')] * 4 + [('engine.cpublas', 'MomentumGemm')] * 2
     assert [name for name, _ in momentum_ops(trainer.train_fn)].count('MomentumUpdate') == 4   # W1, b2, b4, b5
-    assert products(trainer.eval_fn) == [('cpublas', 'Dot22')] * 2
+    assert products(trainer.eval_fn) == [('engine.cpublas', 'Dot22')] * 2
     # the bias gradients (the conv stage's threshold, the two dense layers' b) are ours; the
     # cost's and the correct answers' sums over everything stay Theano's
     sums = products(trainer.train_fn, (cpublas.ChannelSum, T.Sum))
-    assert sums == [('cpublas', 'ChannelSum')] * 3 + [('theano.tensor.elemwise', 'Sum')] * 2
+    assert sums == [('engine.cpublas', 'ChannelSum')] * 3 + [('theano.tensor.elemwise', 'Sum')] * 2
 
 
 @pytest.mark.parametrize('shape', [(100, 1000), (100, 16, 7, 7), (3, 5), (2, 3, 1, 4), (0, 4), (4, 0, 2, 2)])
@@ -240,7 +239,7 @@ def test_channel_sum_equals_numpys(shape):
     x = np.random.RandomState(3).randn(*shape).astype('float32') * 100
     x_ = T.tensor(dtype='float32', broadcastable=(False,) * len(shape))
     f = theano.function([x_], x_.sum(axis=axes))
-    assert products(f, (cpublas.ChannelSum, T.Sum)) == [('cpublas', 'ChannelSum')]
+    assert products(f, (cpublas.ChannelSum, T.Sum)) == [('engine.cpublas', 'ChannelSum')]
     want = x.astype('float64').sum(axis=axes).astype('float32')
     np.testing.assert_array_equal(f(x), want)
     if len(shape) == 2 and x.size:                  # strided: summed from a contiguous copy

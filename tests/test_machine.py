@@ -9,9 +9,7 @@ import sys
 
 import pytest
 
-import gpustack
-import machine
-import openblas
+from engine import gpustack, machine, openblas
 from conftest import ROOT, make_mnist
 
 AVX512_CPU = {'sse2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512dq', 'avx512cd', 'avx512bw', 'avx512vl'}
@@ -68,16 +66,16 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 
 
 def numpy_kernels_code(also=''):
-    return ('import json, machine%s, openblas, numpy; numpy.dot(numpy.ones((64, 64)), numpy.ones((64, 64))); '
+    return ('import json; from engine import machine%s, openblas; machine.set_up(); import numpy; numpy.dot(numpy.ones((64, 64)), numpy.ones((64, 64))); '
             'print(json.dumps({openblas.library_label(p): core for p, (v, core) in openblas.loaded().items()}))'
             % also)
 
 
 @pytest.mark.skipif(openblas.in_wheel('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
 def test_numpy_runs_the_chosen_kernels_and_the_probe_tells_the_truth():
-    alone = python('import json, numpy; import machine, openblas; print(json.dumps(openblas.loaded() and '
-                   '{openblas.library_label(p): core for p, (v, core) in openblas.loaded().items()}))',
-                   MACHINE_SKIP_SETUP='1')                  # numpy loaded before any choice is made
+    alone = python('import json, numpy; from engine import openblas; print(json.dumps(openblas.loaded() and '
+                   '{openblas.library_label(p): core for p, (v, core) in openblas.loaded().items()}))')
+    # (numpy loaded before any choice is made: no set-up)
     assert machine.OPENBLAS_ALONE.get("numpy's", (None, alone["numpy's"]))[1] == alone["numpy's"]
     chosen = python(numpy_kernels_code())
     level = openblas.cpu_level(openblas.cpu_flags())
@@ -89,8 +87,8 @@ def test_numpy_runs_the_chosen_kernels_and_the_probe_tells_the_truth():
 
 @pytest.mark.skipif(openblas.in_wheel('scipy') is None, reason="scipy's wheel carries no OpenBLAS here")
 def test_without_a_system_openblas_theano_links_scipys_and_computes_right():
-    code = ('import os, json; os.environ["MACHINE_SKIP_SETUP"] = "1"; import machine, openblas; del os.environ["MACHINE_SKIP_SETUP"]; '
-            'openblas.SYSTEM_LIB_DIRS[:] = []; notes, _ = machine.set_up(); '
+    code = ('import json; from engine import machine, openblas; '
+            'openblas.SYSTEM_LIB_DIRS[:] = []; notes = machine.set_up(); '
             'import numpy as np, theano, theano.tensor as T; a, b = T.matrices("a", "b"); '
             'f = theano.function([a, b], T.dot(a, b)); x = np.random.RandomState(0).rand(300, 200).astype("float32"); '
             'ops = [type(n.op).__name__ for n in f.maker.fgraph.toposort()]; '
@@ -113,7 +111,7 @@ def test_linkable_openblas_is_searched_in_the_linkers_order(tmp_path, monkeypatc
 
 
 def test_theano_flags_fill_in_only_what_the_user_left_unset():
-    probe = ('import json, os, machine, theano; c = theano.config; '
+    probe = ('import json, os; from engine import machine; machine.set_up(); import theano; c = theano.config; '
              'print(json.dumps([c.blas.ldflags, c.floatX, c.openmp, c.allow_gc, '
              'os.environ.get("OPENBLAS_THREAD_TIMEOUT"), machine.NOTES]))')
 
@@ -191,11 +189,11 @@ def test_an_unwritable_home_gets_theano_a_compiledir_in_the_temporary_folder(tmp
     compiledir, note = machine.choose_compiledir({'HOME': str(home_file)})
     assert compiledir == str(tmp_path / 'tmp' / ('theano-%d' % os.getuid()))
     assert note.startswith('base_compiledir=%s (%s/.theano cannot be written' % (compiledir, home_file))
-    flags, notes = python('import json, os, machine; print(json.dumps([os.environ["THEANO_FLAGS"], machine.NOTES]))',
+    flags, notes = python('import json, os; from engine import machine; machine.set_up(); print(json.dumps([os.environ["THEANO_FLAGS"], machine.NOTES]))',
                           HOME=str(home_file), THEANORC='/nonexistent', THEANO_FLAGS='', TMPDIR=str(tmp_path))
     assert 'base_compiledir=%s/theano-%d' % (tmp_path, os.getuid()) in flags.split(',')
     assert any(n.startswith('base_compiledir=') for n in notes)
-    flags, notes = python('import json, os, machine; print(json.dumps([os.environ["THEANO_FLAGS"], machine.NOTES]))',
+    flags, notes = python('import json, os; from engine import machine; machine.set_up(); print(json.dumps([os.environ["THEANO_FLAGS"], machine.NOTES]))',
                           HOME=str(home_file), THEANORC='/nonexistent', THEANO_FLAGS='compiledir=/x')
     assert 'base_compiledir' not in flags                           # the user's own setting wins
 
@@ -232,7 +230,7 @@ def test_the_old_gpu_back_ends_flag_stops_with_the_new_one_named(tmp_path):
 
 def test_a_child_process_decides_again_and_keeps_what_its_caller_changed():
     """sweep.py's runs and the benchmarks' sides inherit this process's settings: they are not the user's."""
-    code = 'import json, machine; print(json.dumps(machine.NOTES))'
+    code = 'import json; from engine import machine; print(json.dumps(machine.set_up()))'
 
     def child_notes(**changes):
         out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -342,7 +340,7 @@ def test_a_pygpu_that_does_not_import_leaves_the_cpu_run_alone_and_stops_device_
 def test_a_second_process_compiles_no_c_code_for_the_same_network():
     """Theano 1.0.5 keyed five of the CNN's modules so that every process built them again with
     g++ (2-3 s of each start); machine.reuse_compiled_modules lets later processes load them."""
-    code = ('import json, numpy as np, machine, convnet, nnet; from theano.gof import cmodule; built = []; '
+    code = ('import json; from engine import machine; machine.set_up(); import numpy as np, convnet, nnet; from theano.gof import cmodule; built = []; '
             'compile_str = cmodule.GCC_compiler.compile_str; '
             'cmodule.GCC_compiler.compile_str = staticmethod(lambda *a, **k: built.append(1) or '
             'compile_str(*a, **k)); rng = np.random.RandomState(0); '
@@ -355,7 +353,7 @@ def test_a_second_process_compiles_no_c_code_for_the_same_network():
 
 @pytest.mark.skipif(openblas.in_wheel('numpy') is None, reason="numpy's wheel carries no OpenBLAS here")
 def test_the_log_line_names_each_loaded_openblas_with_its_kernels():
-    line, chosen = python('import json, machine, openblas, numpy; numpy.ones(3).dot(numpy.ones(3)); '
+    line, chosen = python('import json; from engine import machine, openblas; machine.set_up(); import numpy; numpy.ones(3).dot(numpy.ones(3)); '
                           'print(json.dumps([machine.blas_description(), {openblas.library_label(p): v + " " + core '
                           'for p, (v, core) in openblas.loaded().items()}]))')
     assert "numpy's" in chosen and "numpy's %s" % chosen["numpy's"] in line
@@ -367,7 +365,7 @@ def test_an_openblas_in_a_folder_with_a_space_is_found_and_asked(tmp_path):
     folder = tmp_path / 'My Projects' / 'numpy.libs'
     shutil.copytree(os.path.dirname(wheels), folder)          # with the libgfortran it needs
     copy = folder / os.path.basename(wheels)
-    found = python('import json, openblas; openblas.load(%r); print(json.dumps(openblas.loaded()))' % str(copy))
+    found = python('import json; from engine import openblas; openblas.load(%r); print(json.dumps(openblas.loaded()))' % str(copy))
     assert found[str(copy)][0] == openblas.probe({'copy': str(copy)})['copy'][0]
 
 
@@ -403,7 +401,7 @@ def test_set_threads_reaches_openmp_and_every_loaded_openblas():
 
     def threads():
         counts = [gomp.omp_get_max_threads()]
-        for path in openblas.loaded_paths():
+        for path in openblas.loaded():
             lib = ctypes.CDLL(path)
             counts += [getattr(lib, name)() for name in ('openblas_get_num_threads', 'openblas_get_num_threads64_')
                        if hasattr(lib, name)]

@@ -17,6 +17,7 @@ import time
 import pytest
 
 import sweep
+from engine import claims, records, report, sweeping
 from conftest import ROOT, make_cifar
 
 SWEEP = [sys.executable, os.path.join(ROOT, 'sweep.py')]
@@ -35,30 +36,30 @@ def driver_options(tiny, outdir, nepoch=1):
 
 
 def completed(outdir):
-    return [r for r in sweep.read_records(str(outdir)) if r['status'] == 'completed']
+    return [r for r in records.read_records(str(outdir)) if r['status'] == 'completed']
 
 
 def settings_run(records):
     """(configuration number, seed) of each record, sorted."""
-    return sorted((sweep.varied(r)[0], r['settings']['seed']) for r in records)
+    return sorted((report.varied(r)[0], r['settings']['seed']) for r in records)
 
 
 # ---------------------------------------------------------------- grids
 
 def test_a_grid_is_every_combination_of_its_values():
-    assert sweep.grid_points('eta=[0.005,0.01] mu=[0.9, 0.95]') == [
+    assert sweeping.grid_points('eta=[0.005,0.01] mu=[0.9, 0.95]') == [
         {'eta': 0.005, 'mu': 0.9}, {'eta': 0.005, 'mu': 0.95}, {'eta': 0.01, 'mu': 0.9}, {'eta': 0.01, 'mu': 0.95}]
-    assert sweep.grid_points('W1dim=[(16, 5, 5), (32,5,5)]') == [{'W1dim': (16, 5, 5)}, {'W1dim': (32, 5, 5)}]
+    assert sweeping.grid_points('W1dim=[(16, 5, 5), (32,5,5)]') == [{'W1dim': (16, 5, 5)}, {'W1dim': (32, 5, 5)}]
     for wrong in ('eta=0.01', 'eta=[]', 'eta=[0.01] eta=[0.02]', 'eta=[0.01', '=[1]', ''):
         with pytest.raises(SystemExit, match='needs name=\\[value,...\\] for each setting, once'):
-            sweep.grid_points(wrong)
+            sweeping.grid_points(wrong)
 
 
 def test_the_grid_crosses_the_configurations_and_the_driver_checks_each_value_first(tiny, tmp_path):
     choices = sweep.Choices(['--only=1,2', '--grid=eta=[0.005,0.02] W1dim=[(8,5,5)]', '--'] +
                             driver_options(tiny, tmp_path))
-    device, runs = sweep.plan(choices.only, choices.points, choices.extra)
-    assert [sweep.label(r) for r in runs] == ['1 eta=0.005 W1dim=(8,5,5)', '2 eta=0.005 W1dim=(8,5,5)',
+    device, runs = sweeping.plan(choices.only, choices.points, choices.extra)
+    assert [sweeping.label(r) for r in runs] == ['1 eta=0.005 W1dim=(8,5,5)', '2 eta=0.005 W1dim=(8,5,5)',
                                               '1 eta=0.02 W1dim=(8,5,5)', '2 eta=0.02 W1dim=(8,5,5)']
     assert {(r.settings['eta'], tuple(r.settings['W1dim']), r.settings['nepoch']) for r in runs} == {
         (0.005, (8, 5, 5), 1), (0.02, (8, 5, 5), 1)}              # the grid's filters win over configuration 2's
@@ -77,9 +78,9 @@ def test_grid_runs_are_tabulated_under_their_configuration():
     base = {'W1dim': [16, 5, 5], 'ds1': [4, 4], 'st1': None, 'H3': None, 'eta': 0.01, 'seed': 0}
     record = {'script': 'cifar10_convnet', 'status': 'completed', 'device': 'cpu: X, AVX2', 'test': [1, 70.0],
               'settings': dict(base, W1dim=[64, 5, 5], st1=[2, 2], eta=0.02), 'date': '2026-12-07T10:00:00',
-              'data_sizes': dict(sweep.PUBLISHED_SIZES), 'seconds': {'total': 60}, 'data_fingerprint': 'f' * 40}
-    summary, every, done = sweep.table([record], base)
-    assert done == [] and sweep.varied(record)[0] == 6
+              'data_sizes': dict(records.PUBLISHED_SIZES), 'seconds': {'total': 60}, 'data_fingerprint': 'f' * 40}
+    summary, every, done = report.table([record], base)
+    assert done == [] and report.varied(record)[0] == 6
     assert '| 6 | eta=0.02 | 70.00 | 1m00s | cpu: X, AVX2 | 2026-12-07 | ffffffff  |' in summary
     assert '| 6 | eta=0.02 | 70.00 | 1m00s | cpu: X, AVX2 | 2026-12-07 | ffffffff  |' in every
 
@@ -90,28 +91,28 @@ def test_runs_share_the_cores_or_take_a_gpu_each(monkeypatch):
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
     monkeypatch.delenv('OPENBLAS_NUM_THREADS', raising=False)
     monkeypatch.setenv('THEANO_FLAGS', 'floatX=float32,device=cuda,allow_gc=False')
-    env = sweep.run_environment(3, None, '/runs/claims')
+    env = sweeping.run_environment(3, None, '/runs/claims')
     assert env['OMP_NUM_THREADS'] == env['OPENBLAS_NUM_THREADS'] == '3'        # to start with, then their share
     assert env['NNET_SHARED_CORES'] == '/runs/claims'
     monkeypatch.setenv('OMP_NUM_THREADS', '2')
-    env = sweep.run_environment(3, None, '/runs/claims')                        # the user's threads stay
+    env = sweeping.run_environment(3, None, '/runs/claims')                        # the user's threads stay
     assert env['OMP_NUM_THREADS'] == '2' and env['OPENBLAS_NUM_THREADS'] == '3' and 'NNET_SHARED_CORES' not in env
-    assert sweep.run_environment(None, 1)['THEANO_FLAGS'] == 'floatX=float32,allow_gc=False,device=cuda1'
-    monkeypatch.setattr(sweep, 'wants_gpu', lambda: True)
-    monkeypatch.setattr(sweep, 'visible_gpus', lambda: [0, 1])
-    assert sweep.gpu_numbers(None, 2) == [0, 1] and sweep.gpu_numbers(None, 1) is None
-    assert sweep.gpu_numbers('1', 1) == [1]
+    assert sweeping.run_environment(None, 1)['THEANO_FLAGS'] == 'floatX=float32,allow_gc=False,device=cuda1'
+    monkeypatch.setattr(sweeping, 'wants_gpu', lambda: True)
+    monkeypatch.setattr(sweeping, 'visible_gpus', lambda: [0, 1])
+    assert sweeping.gpu_numbers(None, 2) == [0, 1] and sweeping.gpu_numbers(None, 1) is None
+    assert sweeping.gpu_numbers('1', 1) == [1]
     with pytest.raises(SystemExit, match='--jobs=3: needs as many GPUs, one a run; these are 0,1'):
-        sweep.gpu_numbers(None, 3)
-    monkeypatch.setattr(sweep, 'wants_gpu', lambda: False)
+        sweeping.gpu_numbers(None, 3)
+    monkeypatch.setattr(sweeping, 'wants_gpu', lambda: False)
     with pytest.raises(SystemExit, match='--devices=0,1: needs THEANO_FLAGS=device=cuda'):
-        sweep.gpu_numbers('0,1', 2)
+        sweeping.gpu_numbers('0,1', 2)
 
 
 def test_a_sweeps_run_follows_its_share_of_the_cores(tmp_path):
     """Runs of `sweep.py run --jobs=N` divide the cores among the runs claimed from this host."""
     set_to, clock = [], [100.0]
-    share = sweep.CoreShare(str(tmp_path), set_to.append, cores=4, clock=lambda: clock[0])
+    share = claims.CoreShare(str(tmp_path), set_to.append, cores=4, clock=lambda: clock[0])
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
     for name, holder in (('a', {'host': socket.gethostname(), 'pid': os.getpid()}),
@@ -135,19 +136,19 @@ def test_a_sweeps_run_follows_its_share_of_the_cores(tmp_path):
 
 def test_a_claim_is_held_by_one_live_process(tmp_path, monkeypatch):
     path = str(tmp_path / 'claims' / 'x.claim')
-    assert sweep.take_claim(path, '1') is None
+    assert claims.take_claim(path, '1') is None
     assert re.search(r'process %d on %s since ' % (os.getpid(), re.escape(socket.gethostname())),
-                     sweep.take_claim(path, '1'))
+                     claims.take_claim(path, '1'))
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
     with open(path, 'w') as f:                                   # its process ended without a word
         json.dump({'host': socket.gethostname(), 'pid': gone.pid}, f)
-    assert sweep.take_claim(path, '1') is None
+    assert claims.take_claim(path, '1') is None
     with open(path, 'w') as f:                                   # another node's, silent too long
         json.dump({'host': 'elsewhere', 'pid': os.getpid()}, f)
-    assert sweep.take_claim(path, '1')
-    os.utime(path, (time.time() - sweep.CLAIM_SILENT - 1,) * 2)
-    assert sweep.take_claim(path, '1') is None
+    assert claims.take_claim(path, '1')
+    os.utime(path, (time.time() - claims.CLAIM_SILENT - 1,) * 2)
+    assert claims.take_claim(path, '1') is None
 
 
 def test_two_sweeps_of_several_jobs_into_one_folder_run_each_run_once_and_lose_no_record(tiny, tmp_path):
@@ -156,12 +157,12 @@ def test_two_sweeps_of_several_jobs_into_one_folder_run_each_run_once_and_lose_n
               for _ in range(2)]
     outputs = [s.communicate(timeout=600)[0] for s in sweeps]
     assert [s.returncode for s in sweeps] == [0, 0], outputs
-    records = sweep.read_records(str(tmp_path))
-    assert settings_run(records) == [(1, 0), (1, 1), (2, 0), (2, 1)] and len(completed(tmp_path)) == 4
+    found = records.read_records(str(tmp_path))
+    assert settings_run(found) == [(1, 0), (1, 1), (2, 0), (2, 1)] and len(completed(tmp_path)) == 4
     both = ''.join(outputs)
-    assert re.search(r'^# 4 runs, 2 at a time, the %d cores shared among them$' % sweep.cpu_count(), both, re.M)
+    assert re.search(r'^# 4 runs, 2 at a time, the %d cores shared among them$' % claims.cpu_count(), both, re.M)
     assert re.search(r'^\[2 seed=0\] # 2\. 64 filters, with seed=0: .* --seed=0 --nepoch=1 .*; %d threads to start '
-                     r'with$' % max(1, sweep.cpu_count() // 2), both, re.M)
+                     r'with$' % max(1, claims.cpu_count() // 2), both, re.M)
     assert re.search(r'^\[1 seed=1\] 1 \| ', both, re.M)         # each line says whose it is
     assert os.listdir(tmp_path / 'claims') == []
 
@@ -175,7 +176,7 @@ def test_a_sweep_stopped_by_sigterm_saves_and_the_next_one_goes_on(tiny, tmp_pat
             break
     log = proc.communicate(timeout=300)[0]
     assert proc.returncode == 1 and 'run the sweep again to resume them' in log
-    stopped, = sweep.read_records(str(tmp_path))
+    stopped, = records.read_records(str(tmp_path))
     assert stopped['status'] == 'interrupted' and os.listdir(tmp_path / 'claims') == []
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and '--resume=%s' % (tmp_path / stopped['params']) in again.stdout
@@ -190,11 +191,11 @@ def test_the_commands_run_under_gnu_parallel(tiny, tmp_path):
     options = ['--only=1,6', '--jobs=2', '--'] + driver_options(tiny, tmp_path)
     lines = subprocess.run(SWEEP + ['commands'] + options, capture_output=True, text=True, timeout=300)
     assert lines.returncode == 0 and len(lines.stdout.splitlines()) == 2
-    assert lines.stdout.startswith('env OMP_NUM_THREADS=%d ' % max(1, sweep.cpu_count() // 2))
+    assert lines.stdout.startswith('env OMP_NUM_THREADS=%d ' % max(1, claims.cpu_count() // 2))
     ran = subprocess.run(['parallel', '--will-cite', '-j', '2'], input=lines.stdout, capture_output=True, text=True,
                          timeout=600)
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert [sweep.varied(r)[0] for r in completed(tmp_path)] in ([1, 6], [6, 1])
+    assert [report.varied(r)[0] for r in completed(tmp_path)] in ([1, 6], [6, 1])
     assert subprocess.run(SWEEP + ['commands'] + options, capture_output=True, text=True, timeout=300).stdout == ''
 
 
@@ -301,11 +302,11 @@ def test_two_slurm_job_arrays_of_the_table_into_one_folder_run_each_run_once(slu
     wait_for(slurm, other)
     logs = sorted(name for name in os.listdir(tmp_path / 'logs') if name.startswith('slurm-'))
     assert logs == sorted('slurm-%s_%d.out' % (j, i) for j in (job, other) for i in range(6))
-    records = sweep.read_records(str(tmp_path))
-    assert sorted(sweep.varied(r)[0] for r in records) == [1, 2, 3, 4, 5, 6]           # each once, all completed
+    found = records.read_records(str(tmp_path))
+    assert sorted(report.varied(r)[0] for r in found) == [1, 2, 3, 4, 5, 6]           # each once, all completed
     assert len(completed(tmp_path)) == 6
-    default = next(r for r in records if sweep.varied(r)[0] == 1)
-    summary, every, done = sweep.table(records, default['settings'])
+    default = next(r for r in found if report.varied(r)[0] == 1)
+    summary, every, done = report.table(found, default['settings'])
     rows = [re.match(r'\| (\d) \| (.*?) \| ', row).groups() for row in every if 'NL/NV/NT 400/100/100' in row]
     assert sorted(rows) == [(str(n), 'data NL/NV/NT 400/100/100') for n in range(1, 7)]   # each under its own
     assert subprocess.run(SWEEP + ['slurm'] + options, env=slurm, capture_output=True, text=True,
@@ -321,7 +322,7 @@ def test_a_cancelled_slurm_task_goes_on_from_where_it_stopped_when_resubmitted(s
         time.sleep(0.2)
     subprocess.run(['scancel', job], env=slurm, check=True)
     wait_for(slurm, job)
-    stopped, = sweep.read_records(str(tmp_path))
+    stopped, = records.read_records(str(tmp_path))
     assert stopped['status'] == 'interrupted'
     again = subprocess.run(['sbatch', script], env=slurm, capture_output=True, text=True, check=True)
     job = re.search(r'Submitted batch job (\d+)', again.stdout).group(1)

@@ -1,6 +1,7 @@
 """Nothing lost, nothing cryptic: bad settings refused before any work, folders made ready,
 the record and parameters saved whatever happens, damaged records skipped, the ZCA cache safe."""
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -9,10 +10,8 @@ import numpy as np
 import pytest
 
 import cifar10
-import download
 import nnet
-import runlog
-import sweep
+from engine import download, records, runlog
 from conftest import ROOT, driver_settings, make_cifar, only_record, small_problem
 
 
@@ -81,6 +80,54 @@ def test_shapes_and_folders_are_refused_before_data_are_loaded(tmp_path, args, m
     assert 'data:' not in out.stdout and not (tmp_path / 'none').exists()
 
 
+@pytest.mark.parametrize('script', ['cifar10_convnet.py', 'mnist_mlp.py'])
+@pytest.mark.parametrize('flags, rc, line', [
+    ('device=cdua', None,
+     'error: THEANO_FLAGS: device=cdua is not a valid value; valid options start with one of "cpu", "opencl" or "cuda"'),
+    ('floatX=float16x', None,
+     "error: THEANO_FLAGS: floatX=float16x is not a valid value; valid options are ('float64', 'float32', 'float16')"),
+    ('', 'openmp = perhaps', 'error: .theanorc: openmp=perhaps is not a valid value; valid options: True, False'),
+])
+def test_a_flag_value_theano_refuses_is_one_line_before_anything_runs(tmp_path, script, flags, rc, line):
+    theanorc = tmp_path / 'theanorc'
+    theanorc.write_text('[global]\n%s\n' % (rc or ''))
+    out = subprocess.run([sys.executable, script, '--nepoch=1'], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, THEANO_FLAGS=flags, THEANORC=str(theanorc),
+                                               NNET_DATADIR=str(tmp_path / 'none')))
+    assert (out.returncode, out.stderr, out.stdout) == (1, line + '\n', '')
+    assert not (tmp_path / 'none').exists()
+
+
+def test_a_full_disk_is_one_line_a_failed_write_and_the_run_saves_whole_elsewhere(tmp_path):
+    """The outdir on a 64 KiB file system (a tmpfs, mounted in a user namespace of the run's own):
+    the checkpoint and the parameters do not fit."""
+    full, spare, data = tmp_path / 'full', tmp_path / 'spare', tmp_path / 'data'
+    for folder in (full, spare):
+        folder.mkdir()
+    make_cifar(str(data))
+    mounted = ('d=$1; shift; mount -t tmpfs -o size=64k tmpfs "$d" || exit 99; "$@"; rc=$?; '
+               'echo "outdir holds: $(ls -A "$d")"; exit $rc')
+    in_namespace = ['unshare', '-Urm', 'sh', '-c', mounted, 'sh', str(full)]
+    if not shutil.which('unshare') or subprocess.run(in_namespace + ['true'], capture_output=True).returncode:
+        pytest.skip('no user namespace here to mount a small file system in (unshare -Urm)')
+    out = subprocess.run(in_namespace + [sys.executable, 'cifar10_convnet.py', '--nepoch=1', '--W1dim=(4,5,5)',
+                                         '--datadir=' + str(data), '--outdir=' + str(full)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, TMPDIR=str(spare)))
+    output = out.stdout + out.stderr
+    assert out.returncode == 0, output
+    assert 'Traceback' not in output and 'Exception ignored' not in output
+    failed = [line for line in output.splitlines() if 'could not' in line]
+    assert len(failed) == 2, failed                         # the checkpoint, then the parameters
+    assert failed[0].startswith('# could not write the checkpoint %s/' % full) and 'No space left' in failed[0]
+    assert failed[1] == '# could not save in %s: [Errno 28] No space left on device; trying the temporary ' \
+                        'folder instead' % full
+    record, params = output.splitlines()[-3:-1]
+    assert record.startswith('# record: %s/' % spare) and params.startswith('# parameters: %s/' % spare)
+    saved = only_record(spare)
+    assert (spare / saved['params']).exists() and saved['status'] == 'completed'
+    assert output.splitlines()[-1] == 'outdir holds: '     # no record without its parameters
+
+
 def test_folders_expand_home_and_variables_and_resolve_beside_the_scripts(tmp_path, monkeypatch):
     monkeypatch.setenv('HOME', str(tmp_path))
     monkeypatch.setenv('SOMEWHERE', str(tmp_path / 'var'))
@@ -89,7 +136,7 @@ def test_folders_expand_home_and_variables_and_resolve_beside_the_scripts(tmp_pa
     assert runlog.folder('outdir', 'runs') == os.path.join(ROOT, 'runs')     # whatever the current folder
     monkeypatch.setenv('NNET_DATADIR', '~/data')
     assert download.default_datadir() == str(tmp_path / 'data')
-    assert sweep.records_folder({'outdir': 'runs'}) == os.path.join(ROOT, 'runs')
+    assert records.records_folder({'outdir': 'runs'}) == os.path.join(ROOT, 'runs')
 
 
 def trained_trainer():
@@ -116,40 +163,49 @@ def test_record_first_then_parameters_and_a_failed_save_leaves_no_partial_file(t
     order = []
     real_write, real_save = runlog.write_record, trainer.net.save
 
-    def failing_savez(path, **arrays):
-        with open(path, 'wb') as f:
-            f.write(b'partial')
-        raise OSError(28, 'No space left on device')
+    class FullDisk:         # a parameter file that takes part of its bytes, then no more
+        def __init__(self, path, mode):
+            self.file = open(path, mode)
+
+        def write(self, data):
+            self.file.write(b'partial')
+            raise OSError(28, 'No space left on device')
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
     monkeypatch.setattr(runlog, 'write_record', lambda *a: (order.append('record'), real_write(*a)))
     monkeypatch.setattr(trainer.net, 'save', lambda *a: (order.append('params'), real_save(*a)))
-    monkeypatch.setattr(nnet.np, 'savez', failing_savez)
+    monkeypatch.setattr(nnet, 'open', FullDisk, raising=False)
     monkeypatch.setattr(runlog.tempfile, 'gettempdir', lambda: str(tmp_path / 'tmp'))
     assert runlog.train_and_log(trainer, 1, 'test', {}, {}, str(tmp_path / 'runs'), 0, 1.0) == 74
     # the first row's checkpoint (failed: no more tried), then the record and the parameters, twice
     assert order == ['params', 'record', 'params', 'record', 'params']
-    assert not [f for f in os.listdir(tmp_path / 'runs') if f.endswith('.npz')]   # no .tmp.npz left
+    assert os.listdir(tmp_path / 'runs') == []      # no .tmp.npz left, and no record without its parameters
 
 
 def test_parameter_and_record_files_never_overwrite_each_other(tmp_path):
-    first = runlog.new_params_path(str(tmp_path), 'test')
+    first = records.new_params_path(str(tmp_path), 'test')
     open(first, 'w').close()
-    second = runlog.new_params_path(str(tmp_path), 'test')
+    second = records.new_params_path(str(tmp_path), 'test')
     assert second != first and str(os.getpid()) in os.path.basename(first)
-    runlog.write_record(runlog.record_path(second), {'script': 'b'})
-    third = runlog.new_params_path(str(tmp_path), 'test')
+    records.write_record(records.record_path(second), {'script': 'b'})
+    third = records.new_params_path(str(tmp_path), 'test')
     assert third not in (first, second)                         # its record alone holds a name
     with pytest.raises(FileExistsError):                        # and is never written over
-        runlog.write_record(runlog.record_path(second), {'script': 'c'})
+        records.write_record(records.record_path(second), {'script': 'c'})
     assert only_record(tmp_path) == {'script': 'b'}
-    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (first, runlog.record_path(second)))
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (first, records.record_path(second)))
 
 
 def test_records_of_every_kind_are_read_oldest_first_and_damaged_ones_skipped(tmp_path, capsys):
     (tmp_path / 'results.jsonl').write_text('{"script": "a", "date": "2026-11-01T00:00:00"}\n{"script": "b", "cut off\n'
                                             '{"script": "c", "date": "2026-12-01T00:00:00"}\n')
-    runlog.write_record(str(tmp_path / 'x-1.record.json'), {'script': 'd', 'date': '2026-11-15T00:00:00'})
+    records.write_record(str(tmp_path / 'x-1.record.json'), {'script': 'd', 'date': '2026-11-15T00:00:00'})
     (tmp_path / 'x-2.record.json').write_text('{"script": "e", "cut')
-    assert [r['script'] for r in sweep.read_records(str(tmp_path))] == ['a', 'd', 'c']
+    assert [r['script'] for r in records.read_records(str(tmp_path))] == ['a', 'd', 'c']
     err = capsys.readouterr().err
     assert 'results.jsonl, line 2 is damaged; skipped' in err and 'x-2.record.json cannot be read' in err
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import nnet
-import runlog
+from engine import runlog
 from conftest import only_record, small_problem
 
 

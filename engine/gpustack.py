@@ -219,4 +219,4 @@ if __name__ == '__main__':
                                       else 'no driver visible: the CUDA libraries that run on the most drivers'))
             print('\n'.join(CUDA_WHEELS[major]))
     else:
-        sys.exit('usage: python gpustack.py cuda-wheels | link')
+        sys.exit('usage: python -m engine.gpustack cuda-wheels | link')

@@ -1,16 +1,18 @@
-"""Making Theano 1.0.5 work, and fast, on today's machine.  Every entry point imports this first.
+"""Making Theano 1.0.5 work, and fast, on today's machine: set_up(), the one machine set-up.
 
-At import, before numpy or Theano has loaded a BLAS:
+The drivers (and the tests) call set_up() before anything else; it is made once, and
+decides, before numpy or Theano has loaded a BLAS:
   - the BLAS Theano links (blas.ldflags): the system OpenBLAS, else the one scipy's wheel
     carries (no root needed), else Theano's slow numpy fallback, with a warning;
   - the OpenBLAS kernels: if any OpenBLAS in the process would pick less than the CPU has,
     OPENBLAS_CORETYPE for all of them (openblas.py);
   - the other Theano flags (floatX, openmp, allow_gc) and thread settings.
-A setting the user made (THEANO_FLAGS, .theanorc, the environment) always wins.
-require_theano_python() and require_compiler() (nnet.py calls them first) stop a Python that
-cannot run Theano, or a machine without g++, with one line naming the remedy.  NOTES
-holds one line per decision for the log.  The rest (compiling C modules on every core and
-reusing them, describing the BLAS and the device, the GPU checks) imports Theano when called.
+A setting the user made (THEANO_FLAGS, .theanorc, the environment) always wins.  Then it
+stops a Python that cannot run Theano, a machine without g++ and a flag value Theano refuses,
+each with one line naming the remedy, and imports Theano: C modules compile on every core and
+are reused by later processes.  NOTES holds one line per decision for the log.  The rest
+(describing the BLAS and the device, the GPU checks) imports Theano when called.
+Importing this module decides nothing.
 """
 import configparser
 import ctypes
@@ -26,9 +28,9 @@ import shlex
 import shutil
 import sys
 import tempfile
+import traceback
 
-import gpustack
-import openblas
+from . import PROJECT, gpustack, openblas
 
 # ---------------------------------------------------------------- a Python that can run Theano
 
@@ -68,7 +70,7 @@ def require_theano_python():
     problems = theano_python_problems(sys.version_info, installed_version('numpy'), installed_version('theano'))
     if not problems:
         return
-    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.venv')
+    venv = os.path.join(PROJECT, '.venv')
     venv_python = os.path.join(venv, 'bin', 'python')
     shown = os.path.relpath(venv_python)
     command = shlex.join([venv_python if shown.startswith('..') else shown] + getattr(sys, 'orig_argv', sys.argv)[1:])
@@ -106,7 +108,14 @@ def user_flags():
     for section in parser.sections():
         for key, value in parser.items(section):
             flags[key if section == 'global' else section + '.' + key] = value
-    splitter = shlex.shlex(os.environ.get('THEANO_FLAGS', ''), posix=True)   # as Theano splits them
+    flags.update(flags_in(os.environ.get('THEANO_FLAGS', '')))
+    return flags
+
+
+def flags_in(text):
+    """THEANO_FLAGS' text as {name: value}, split as Theano splits it."""
+    flags = {}
+    splitter = shlex.shlex(text, posix=True)
     splitter.whitespace, splitter.whitespace_split = ',', True
     for item in splitter:
         if '=' in item:
@@ -272,7 +281,7 @@ def undo_inherited(environ):
                 environ[name] = users
 
 
-def set_up(environ=os.environ):
+def choose_settings(environ):
     """Fill in what the user has not set; returns (notes for the log, what each OpenBLAS picks alone).
 
     - blas.ldflags: Theano reads numpy's BLAS description, which current numpy wheels
@@ -355,8 +364,70 @@ def set_up(environ=os.environ):
     return notes, alone
 
 
-# MACHINE_SKIP_SETUP=1: import without deciding anything (tests that load numpy first, or call set_up)
-NOTES, OPENBLAS_ALONE = ([], {}) if os.environ.get('MACHINE_SKIP_SETUP') else set_up()
+NOTES = None            # set_up's decisions, one line each for the log; None before it
+OPENBLAS_ALONE = {}     # what each OpenBLAS would pick on its own: {name: (version, core)}
+_theano_set_up = False
+
+
+def set_up(theano=True):
+    """The machine set-up: the settings (choose_settings), then the checks that stop with one
+    line, Theano imported and its compiling made fast (reuse_compiled_modules,
+    compile_in_parallel).  Made before anything loads numpy or Theano; what is done is not done
+    again.  theano=False: the settings only, for a process that runs numpy without Theano (the
+    data's script, the PyTorch twin).  Returns NOTES."""
+    global NOTES, OPENBLAS_ALONE, _theano_set_up
+    if NOTES is None:
+        NOTES, OPENBLAS_ALONE = choose_settings(os.environ)
+    if theano and not _theano_set_up:
+        require_theano_python()                      # one line with the remedy, not an ImportError
+        require_compiler()                           # not a traceback at the first minibatch
+        import_theano()
+        reuse_compiled_modules()
+        compile_in_parallel()
+        _theano_set_up = True
+    return NOTES
+
+
+def import_theano():
+    """import theano, where a flag value it refuses (THEANO_FLAGS, .theanorc) stops the run with
+    one line that names the flag, the value and the valid ones, not 23 lines of traceback."""
+    try:
+        import theano  # noqa: F401
+    except ValueError as e:
+        param = refused_flag(e)
+        if param is None:
+            raise
+        sys.exit('error: %s: %s=%s is not a valid value; %s' % (
+            flag_origin(param.fullname), param.fullname, user_flags().get(param.fullname, '?'), valid_values(param, e)))
+
+
+def refused_flag(error):
+    """The configuration parameter whose value Theano's configparser refused, from the error's traceback."""
+    configparser = sys.modules.get('theano.configparser')     # left by the failed import of theano
+    refused = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        for name in ('self', 'configparam'):
+            if configparser and isinstance(frame.f_locals.get(name), configparser.ConfigParam):
+                refused = frame.f_locals[name]
+    return refused
+
+
+def valid_values(param, error):
+    """What a configuration parameter takes, in words."""
+    said = re.search(r'Valid options (.*)', str(error), re.S)
+    if said:
+        return 'valid options ' + said.group(1).rstrip('.')
+    if hasattr(param, 'all'):
+        return 'valid options: ' + ', '.join(map(str, param.all))
+    mytype = getattr(param, 'mytype', None)
+    if mytype is not None and mytype.__name__ == 'booltype':
+        return 'valid options: True, False'
+    return 'it takes a value of type %s' % mytype.__name__ if mytype is not None else 'see theano.config'
+
+
+def flag_origin(name):
+    """Where a flag the user set comes from: THEANO_FLAGS, else a .theanorc file."""
+    return 'THEANO_FLAGS' if name in flags_in(os.environ.get('THEANO_FLAGS', '')) else '.theanorc'
 
 
 # ---------------------------------------------------------------- Theano's compile cache
@@ -387,14 +458,27 @@ def reuse_compiled_modules():
     (DimShuffle), different in every process since Python 3.3 (aesara-devs/aesara#1097).
     Measured: 2-3 s of g++ on every start of the default run.  Ops without properties get
     one name, __class__, which only the cache key reads (Theano fixes equality and hashing
-    when it makes the class); COps get a digest of their source.  Called once Theano is imported.
+    when it makes the class), those made later (our ops, imported after the set-up) as they
+    are made; COps get a digest of their source.  Called once Theano is imported.
     """
     import theano
     import theano.tensor.nnet      # noqa: F401  (the softmax ops, before the walk)
     for op_class in _all_subclasses(theano.gof.Op):
-        if op_class.__dict__.get('__props__') == ():
-            op_class.__props__ = ('__class__',)
+        _keyed_by_class(op_class)
+    make_class = theano.gof.utils.MetaObject.__new__
+
+    def make_op_class(meta, name, bases, namespace):
+        made = make_class(meta, name, bases, namespace)
+        return _keyed_by_class(made) if issubclass(made, theano.gof.Op) else made
+    theano.gof.utils.MetaObject.__new__ = staticmethod(make_op_class)
     theano.gof.COp.c_code_cache_version = _stable_cop_version
+
+
+def _keyed_by_class(op_class):
+    """An op class without properties, given __class__ as the one its cache key reads."""
+    if op_class.__dict__.get('__props__') == ():
+        op_class.__props__ = ('__class__',)
+    return op_class
 
 
 _compiling = {}     # what g++ is given for a module -> Future: the scratch folder it filled, or None
@@ -563,12 +647,9 @@ def gpu_stack_description():
 
 def set_threads(n):
     """OpenMP's threads for the parallel regions this thread starts from now on (Theano's C ops
-    and ours size their work per call), and every loaded OpenBLAS's."""
-    try:
-        ctypes.CDLL('libgomp.so.1').omp_set_num_threads(n)
-    except OSError:             # no OpenMP runtime
-        pass
-    openblas.set_threads(n)
+    and ours size their work per call), and every loaded BLAS's: threadpoolctl's limits, kept."""
+    from threadpoolctl import threadpool_limits     # here: a Python without it still gets require_theano_python's line
+    threadpool_limits(n)
 
 
 def memory_used():

@@ -12,12 +12,11 @@ import tarfile
 import time
 import urllib.request
 
+from . import PROJECT
+
 
 class DataError(Exception):
     """A data problem the user can fix; the message says how."""
-
-
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 
 
 def expand(path):
@@ -28,14 +27,14 @@ def expand(path):
 def resolve(path):
     """A folder setting as the scripts take it: expanded, and relative to the scripts' folder, so
     that the drivers and sweep.py agree whatever the current folder."""
-    return os.path.join(SCRIPTS, expand(path))
+    return os.path.join(PROJECT, expand(path))
 
 
 def default_datadir():
     """$NNET_DATADIR (~ and $VARS expanded), else ./data beside the scripts."""
     if os.environ.get('NNET_DATADIR'):
         return expand(os.environ['NNET_DATADIR'])
-    return os.path.join(SCRIPTS, 'data')
+    return os.path.join(PROJECT, 'data')
 
 
 # ---------------------------------------------------------------- download helpers

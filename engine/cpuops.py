@@ -42,7 +42,7 @@ from theano.gof import OpenMPOp
 from theano.gof.opt import TopoOptimizer, local_optimizer
 from theano.tensor.nnet import corr
 
-import openblas
+from . import openblas
 
 
 UNSIGNED = {'float32': 'npy_uint32', 'float64': 'npy_uint64'}    # same width: the gradient's masks

@@ -3,8 +3,9 @@
 A process holds up to three OpenBLAS builds (the one Theano links, numpy's, scipy's), and
 an older build that does not know the CPU falls back to generic or older kernels (numpy
 1.23.5's OpenBLAS 0.3.20: Prescott on a 5th-generation Xeon, Zen's AVX2 kernels on an
-AVX-512 EPYC).  machine.set_up asks each, in a subprocess, what it would pick
-(probe), and choose_coretype decides.  Nothing here imports numpy or Theano.
+AVX-512 EPYC).  machine.choose_settings asks each, in a subprocess, what it would pick
+(probe), and choose_coretype decides: that choice is ours alone.  The libraries loaded, their
+kernels and their threads are threadpoolctl's to find and set.  Nothing here imports numpy or Theano.
 """
 import ctypes
 import glob
@@ -15,6 +16,8 @@ import platform
 import re
 import subprocess
 import sys
+
+from . import PROJECT
 
 SYSTEM_LIB_DIRS = ['/usr/lib/x86_64-linux-gnu', '/usr/lib/aarch64-linux-gnu', '/usr/lib64', '/usr/lib',
                    '/usr/local/lib']
@@ -123,40 +126,23 @@ def probe(libraries):
         return {}
     env = dict(os.environ, OPENBLAS_NUM_THREADS='1')
     env.pop('OPENBLAS_CORETYPE', None)
-    code = ('import json, sys, openblas; print(json.dumps({name: openblas.answers('
+    code = ('import json, sys; from engine import openblas; print(json.dumps({name: openblas.answers('
             'openblas.load(path)) for name, path in json.loads(sys.argv[1]).items()}))')
     try:
         out = subprocess.run([sys.executable, '-c', code, json.dumps(libraries)], env=env, timeout=60,
-                             capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                             capture_output=True, text=True, cwd=PROJECT)
         return {name: tuple(answer) for name, answer in json.loads(out.stdout).items()}
     except (OSError, ValueError, subprocess.SubprocessError):
         return {}
 
 
-def loaded_paths():
-    """The files of every OpenBLAS this process has loaded."""
-    try:
-        with open('/proc/self/maps') as f:     # address, perms, offset, device, inode, then the path (spaces and all)
-            fields = [line.rstrip('\n').split(None, 5) for line in f]
-    except OSError:
-        return []
-    return sorted({f[5] for f in fields if len(f) == 6 and re.search(r'/libopenblas[^/]*\.so[^/]*$', f[5])})
-
-
 def loaded():
-    """{path: (version, core)} of every OpenBLAS this process has loaded, as they answer now."""
-    return {path: answers(ctypes.CDLL(path)) for path in loaded_paths()}
-
-
-def set_threads(n):
-    """The threads of every OpenBLAS this process has loaded, from their next call on."""
-    for path in loaded_paths():
-        lib = ctypes.CDLL(path)
-        for suffix in ('', '64_'):
-            set_num_threads = getattr(lib, 'openblas_set_num_threads' + suffix, None)
-            if set_num_threads:
-                set_num_threads(n)
-                break
+    """{path: (version, core)} of every OpenBLAS this process has loaded, as they answer now
+    (threadpoolctl finds them), in the order of their paths."""
+    from threadpoolctl import threadpool_info       # here: a Python without it still gets require_theano_python's line
+    return {info['filepath']: (info['version'] or '?', info['architecture'] or '?')
+            for info in sorted(threadpool_info(), key=lambda info: info['filepath'])
+            if info['internal_api'] == 'openblas'}
 
 
 def library_label(path):

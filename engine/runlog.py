@@ -14,14 +14,16 @@ import sys
 import tempfile
 import time
 
-import download
-import machine
-from nnet import TrainingDiverged
-from sweep import (CoreShare, minutes, RECORD_SUFFIX, saved_settings, SAVED_SETTINGS_ERRORS,   # sweep imports
-                   SHARED_CORES)                                                                 # no Theano
+import numpy as np
+import theano
 
-import numpy as np                                   # noqa: E402
-import theano                                        # noqa: E402
+from . import download, machine
+from .claims import SHARED_CORES, CoreShare
+from .records import SAVED_SETTINGS_ERRORS, minutes, new_params_path, record_path, saved_settings, write_record
+
+
+class TrainingDiverged(Exception):
+    """The cost became NaN or infinite: the run stops, and saves what there is."""
 
 
 def config_names(namespace):
@@ -310,42 +312,6 @@ def waiting(text):
         line.clear()
 
 
-def record_path(params_path):
-    """A run's record file: beside its parameter file, of the same name."""
-    return params_path[:-len('.npz')] + RECORD_SUFFIX
-
-
-def write_record(path, record):
-    """The record as a file of its own, whole or not at all and never over another's: written
-    under a name of this process's, then linked to its own (link is atomic and exclusive, on
-    NFS too, where appends to one shared file are not)."""
-    partial = '%s.%s-%d.partial' % (path, platform.node(), os.getpid())
-    try:
-        with open(partial, 'w') as f:
-            f.write(json.dumps(record, default=str) + '\n')
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(partial, path)
-        except FileExistsError:
-            raise
-        except OSError:                     # a file system without hard links (FAT, some SMB shares)
-            os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
-def new_params_path(folder, script, suffix='.npz'):
-    """A parameter file name no other run has: time and process id, and a number if need be
-    (neither it nor its record file exists)."""
-    first = os.path.join(folder, '%s-%s-%d' % (script, time.strftime('%Y%m%d-%H%M%S'), os.getpid()))
-    stem, n = first, 1
-    while os.path.exists(stem + suffix) or os.path.exists(stem + RECORD_SUFFIX):
-        stem, n = '%s-%d' % (first, n), n + 1
-    return stem + suffix
-
-
 def position(epoch, trained=(0, 0.0, 0.0)):
     """Where a run is, as its files hold it for --resume: the epoch it is in (nepoch + 1: the
     test set's evaluation) and, of that epoch's training pass, the minibatches done, their
@@ -373,19 +339,25 @@ def write_checkpoint(trainer, path, state):
 
 
 def save_run(record, trainer, settings, outdir, script):
-    """The record first, then the parameters and momenta (atomic), in outdir or, failing that,
-    the system's temporary folder.  Returns the parameter file, or None if neither could be written."""
+    """The record first, then the parameters and momenta (atomic), together in outdir or, failing
+    that, in the system's temporary folder (a record whose parameters could not be written beside
+    it is removed).  Returns the parameter file, or None if neither could be written."""
     for where in (outdir, tempfile.gettempdir()):
+        written = None
         try:
             os.makedirs(where, exist_ok=True)
             params_path = new_params_path(where, script)
             record['params'] = os.path.basename(params_path)      # resolved from the record's folder
             write_record(record_path(params_path), record)
+            written = record_path(params_path)
             trainer.save(params_path, run_state(settings, record, record['status'], record['position'],
                                                 record['seconds']['train']))
-            say('# record: %s\n# parameters: %s' % (record_path(params_path), params_path))
+            say('# record: %s\n# parameters: %s' % (written, params_path))
             return params_path
         except OSError as e:
+            if written:
+                with contextlib.suppress(OSError):
+                    os.remove(written)
             say('# could not save in %s: %s%s' % (where, e, '; trying the temporary folder instead'
                                                      if where == outdir else ''))
     return None

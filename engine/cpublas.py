@@ -27,18 +27,18 @@ columns of the first operand in blocks of KC), so results differ by float roundi
 The momentum update (momentum(), MomentumUpdate, MomentumGemm): see momentum().  ChannelSum: see
 its docstring.  All are Theano optimizations registered when this module is imported (nnet.py
 does), run after Theano's own (its BLAS ones included); the products' only where Theano runs
-with a BLAS and OpenMP (machine.py's default).
+with a BLAS and OpenMP (machine.set_up's default).
 """
-import machine                                       # first: Theano's flags
+import theano
+import theano.tensor as T
+from theano.compile import optdb
+from theano.gof import OpenMPOp
+from theano.gof.opt import TopoOptimizer, in2out, local_optimizer
+from theano.tensor import blas
 
-import theano                                        # noqa: E402
-import theano.tensor as T                            # noqa: E402
-from theano.compile import optdb                     # noqa: E402
-from theano.gof import OpenMPOp                                          # noqa: E402
-from theano.gof.opt import TopoOptimizer, in2out, local_optimizer        # noqa: E402
-from theano.tensor import blas                                           # noqa: E402
+from . import machine
 
-from cpuops import c_alias                                               # noqa: E402
+from .cpuops import c_alias
 
 DENSE_GEMM = r"""
 #ifdef __AVX512F__
