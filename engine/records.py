@@ -206,4 +206,5 @@ def config_of(record, base):
 
 
 def minutes(seconds):
+    """A record's seconds as the log's progress line and the tables show them: 2m26s."""
     return '%dm%02ds' % divmod(round(seconds), 60)

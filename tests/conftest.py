@@ -1,8 +1,10 @@
-"""Shared fixtures: small data sets written in the official formats, and Theano's strict flags.
+"""The suite's world of its own, and shared fixtures: small data sets written in the official formats.
 
-No test downloads anything.  Theano is told to raise on optimizer and shape errors, and the
-machine is set up as the drivers set it up, before any test module imports numpy or Theano
-(subprocesses inherit the flags).
+Before any test module imports numpy or Theano, and for every subprocess (they inherit it):
+no user's .theanorc (THEANORC names none), a compile folder of the suite's own unless
+THEANO_FLAGS names one (CI's), never ~/.theano; no download (NNET_OFFLINE, which the download
+code obeys); Theano told to raise on optimizer and shape errors; the machine then set up as
+the drivers set it up.  A test that replaces THEANO_FLAGS keeps the compile folder: theano_flags().
 """
 import glob
 import gzip
@@ -12,13 +14,27 @@ import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ['THEANO_FLAGS'] = ','.join(filter(None, [
-    os.environ.get('THEANO_FLAGS', ''), 'on_opt_error=raise', 'on_shape_error=raise']))
 
-from engine import machine  # noqa: E402
+from engine import download, machine  # noqa: E402
+
+os.environ['THEANORC'] = os.devnull
+os.environ[download.OFFLINE] = '1'
+_users = machine.flags_in(os.environ.get('THEANO_FLAGS', ''))
+COMPILE_FOLDER = next(('%s=%s' % (name, _users[name]) for name in ('base_compiledir', 'compiledir') if name in _users),
+                      'base_compiledir=%s' % os.path.join(tempfile.gettempdir(), 'nnet-tests-%d' % os.getuid()))
+os.environ['THEANO_FLAGS'] = ','.join(filter(None, [
+    os.environ.get('THEANO_FLAGS', ''), COMPILE_FOLDER if COMPILE_FOLDER.split('=')[0] not in _users else '',
+    'on_opt_error=raise', 'on_shape_error=raise']))
+
+
+def theano_flags(*flags):
+    """THEANO_FLAGS of these flags alone, and the suite's compile folder."""
+    return ','.join(filter(None, (COMPILE_FOLDER,) + flags))
+
 
 machine.set_up()
 
@@ -117,3 +133,31 @@ def only_record(folder):
     path, = glob.glob(os.path.join(str(folder), '*.record.json'))
     with open(path) as f:
         return json.load(f)
+
+
+def venv_beside(folder, pip=False):
+    """A virtual environment at folder that sees this Python's packages (a .pth file; NVIDIA's wheels
+    through a link) and has copies of pygpu and libgpuarray of its own, found through their rpaths
+    before this venv's: whatever a test makes it change (its cuda-links, its packages) stays in
+    folder.  Its python's path."""
+    import shutil
+    import sysconfig
+    made = subprocess.run([sys.executable, '-m', 'venv'] + ([] if pip else ['--without-pip']) + [str(folder)],
+                          capture_output=True, text=True, timeout=300)
+    python = os.path.join(str(folder), 'bin', 'python')
+    asked = subprocess.run([python, '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])'],
+                           capture_output=True, text=True) if made.returncode == 0 else made
+    if asked.returncode != 0:       # a Python that needs more than a venv gives (setup.sh's private one)
+        pytest.skip('no venv beside this Python: %s' % (asked.stderr.strip().splitlines() or ['?'])[-1])
+    packages = asked.stdout.strip()
+    with open(os.path.join(packages, 'outer-venv.pth'), 'w') as f:
+        f.write(sysconfig.get_paths()['purelib'] + '\n')
+    nvidia = os.path.join(sysconfig.get_paths()['purelib'], 'nvidia')     # NVIDIA's wheels, found in a venv's own
+    if os.path.isdir(nvidia):
+        os.symlink(nvidia, os.path.join(packages, 'nvidia'))
+    pygpu = os.path.join(sysconfig.get_paths()['purelib'], 'pygpu')
+    if os.path.isdir(pygpu):
+        shutil.copytree(pygpu, os.path.join(packages, 'pygpu'), symlinks=True)
+        for lib in glob.glob(os.path.join(sys.prefix, 'lib', 'libgpuarray*')):
+            shutil.copy2(lib, os.path.join(str(folder), 'lib'), follow_symlinks=False)
+    return python

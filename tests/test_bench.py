@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
 import bench_run  # noqa: E402
 import bench_train  # noqa: E402
-from conftest import driver_settings  # noqa: E402
+from conftest import driver_settings, theano_flags  # noqa: E402
 
 
 DEFAULTS = {'batches': 100, 'conv': 'auto'}
@@ -68,7 +68,7 @@ def test_a_gpu_that_did_not_start_gets_no_cpu_figures_under_its_label(command):
     """Theano runs on the CPU when the GPU does not start; the benchmarks measured that as `cuda`."""
     bench = os.path.join(os.path.dirname(bench_train.__file__), command[0])
     out = subprocess.run([sys.executable, bench] + command[1:], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, THEANO_FLAGS='device=cuda'))
+                         env=dict(os.environ, THEANO_FLAGS=theano_flags('device=cuda'), CUDA_VISIBLE_DEVICES=''))
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith('error: THEANO_FLAGS asks for cuda, but ')
     assert 'mnist-mlp' not in out.stdout

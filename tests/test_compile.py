@@ -1,6 +1,7 @@
 """machine.compile_in_parallel: a function's new C modules built by g++ on every core at once."""
 import os
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -51,6 +52,10 @@ def run(f, values=(1, 2)):
     return f(np.array(values, 'float32')).tolist()
 
 
+class Runs(list):
+    """(folder, loaded by Theano) of each g++ run, and .spans: their (start, end) times."""
+
+
 @pytest.fixture
 def g_plus_plus_runs(monkeypatch, tmp_path):
     """Each g++ run of Theano's compiler as (its folder, whether Theano loads the module itself);
@@ -58,9 +63,17 @@ def g_plus_plus_runs(monkeypatch, tmp_path):
     which it builds once per compile folder at its first compiled thunk, is there before counting:
     the counts then do not depend on what earlier processes left in the compile folder."""
     import theano.gof.cutils  # noqa: F401
-    runs, compile_str = [], cmodule.GCC_compiler.compile_str
-    monkeypatch.setattr(cmodule.GCC_compiler, 'compile_str', staticmethod(
-        lambda *a, **k: runs.append((k['location'], k.get('py_module', True))) or compile_str(*a, **k)))
+    runs, compile_str = Runs(), cmodule.GCC_compiler.compile_str
+
+    def timed(*args, **kwargs):
+        runs.append((kwargs['location'], kwargs.get('py_module', True)))
+        start = time.monotonic()
+        try:
+            return compile_str(*args, **kwargs)
+        finally:
+            spans.append((start, time.monotonic()))
+    spans = runs.spans = []     # (start, end) of each g++ run, in the order they ended
+    monkeypatch.setattr(cmodule.GCC_compiler, 'compile_str', staticmethod(timed))
     monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
     return runs
 
@@ -72,6 +85,9 @@ def test_new_c_modules_are_compiled_all_at_once_before_theano_loads_them(g_plus_
     f = theano.function([x], Doubled(nonce)(Doubled(nonce + 1)(x)))
     assert run(f) == [4, 8]
     assert [(os.path.dirname(folder), loads) for folder, loads in g_plus_plus_runs] == [(str(tmp_path), False)] * 2
+    (first_start, first_end), (second_start, second_end) = sorted(g_plus_plus_runs.spans)
+    if len(os.sched_getaffinity(0)) > 1:
+        assert second_start < first_end                    # the two g++ ran at the same time
     assert list(tmp_path.iterdir()) == []                  # moved into the cache
     runs = len(g_plus_plus_runs)
     theano.function([x], Doubled(nonce)(x))                # the cache has it now

@@ -16,7 +16,7 @@ import nnet
 from engine import gpustack
 import theano
 import theano.tensor as T
-from conftest import ROOT, driver_settings, make_cifar, make_mnist, only_record
+from conftest import ROOT, driver_settings, make_cifar, make_mnist, only_record, theano_flags
 
 floatX = nnet.floatX
 
@@ -219,10 +219,10 @@ def test_drivers_reject_unknown_settings_and_report_missing_data(tmp_path):
     result = run_script('cifar10_convnet.py', '--conv=fft')
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert "error: --conv='fft': needs 'auto', 'conv2d' or 'im2col'" in result.stderr
-    result = run_script('cifar10_convnet.py', '--datadir=%s' % tmp_path, NO_NETWORK='1',
-                        http_proxy='http://127.0.0.1:9', https_proxy='http://127.0.0.1:9')
+    result = run_script('cifar10_convnet.py', '--datadir=%s' % tmp_path, '--nepoch=1')    # NNET_OFFLINE: no download
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert 'cifar-10-python.tar.gz' in result.stderr and str(tmp_path) in result.stderr
+    assert 'not fetched: NNET_OFFLINE is set' in result.stderr
     assert os.listdir(tmp_path) == []
 
 
@@ -230,8 +230,10 @@ def test_drivers_reject_unknown_settings_and_report_missing_data(tmp_path):
 def test_drivers_refuse_a_gpu_that_did_not_start_before_loading_data(script, tmp_path):
     # Theano would run on the CPU instead; setuptools >= 82 would break the import first.
     # Without pygpu it says so; with setup.sh --gpu's pygpu on a machine without the NVIDIA
-    # driver (CI), that; with a driver but no GPU that answers, that the GPU did not start.
-    result = run_script(script, '--datadir=%s' % tmp_path, THEANO_FLAGS='device=cuda')
+    # driver (CI), that; with a driver but no GPU that answers (none visible here, also on a GPU
+    # host), that the GPU did not start.
+    result = run_script(script, '--datadir=%s' % tmp_path, THEANO_FLAGS=theano_flags('device=cuda'),
+                        CUDA_VISIBLE_DEVICES='')
     cause = ('pygpu is not installed' if not importlib.util.find_spec('pygpu') else 'no NVIDIA driver here'
              if not gpustack.find_cuda_libraries(gpustack.cuda_folders())['libcuda.so'] else 'the GPU did not initialise')
     assert result.returncode == 1 and 'Traceback' not in result.stderr

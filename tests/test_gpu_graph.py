@@ -29,7 +29,9 @@ CONFIGS = {   # name: (convolution stages (nfilter, (h, w), ds, st), hidden laye
 
 def gpu_graphs():
     """{config: {'train'|'eval': [node, ...]}}, a node {'op', 'module', 'inputs': [...], 'outputs': [...]}."""
-    os.environ['THEANO_FLAGS'] = 'device=cpu,on_opt_error=warn,on_shape_error=raise'
+    compile_folder = [f for f in os.environ.get('THEANO_FLAGS', '').split(',')      # the suite's, never ~/.theano
+                      if f.split('=')[0] in ('base_compiledir', 'compiledir')]
+    os.environ['THEANO_FLAGS'] = ','.join(compile_folder + ['device=cpu', 'on_opt_error=warn', 'on_shape_error=raise'])
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import logging
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from engine import gpustack, machine, openblas
-from conftest import ROOT, make_mnist
+from conftest import ROOT, make_mnist, theano_flags, venv_beside
 
 AVX512_CPU = {'sse2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512dq', 'avx512cd', 'avx512bw', 'avx512vl'}
 AVX2_CPU = {'sse2', 'avx', 'avx2', 'fma'}
@@ -94,7 +94,7 @@ def test_without_a_system_openblas_theano_links_scipys_and_computes_right():
             'ops = [type(n.op).__name__ for n in f.maker.fgraph.toposort()]; '
             'err = float(abs(f(x, x.T) - x.astype("f8") @ x.T.astype("f8")).max()); '
             'print(json.dumps([theano.config.blas.ldflags, ops, err, notes]))')
-    ldflags, ops, err, notes = python(code, THEANO_FLAGS='', THEANORC='/nonexistent', LIBRARY_PATH='')
+    ldflags, ops, err, notes = python(code, THEANO_FLAGS=theano_flags(), THEANORC='/nonexistent', LIBRARY_PATH='')
     assert os.path.realpath(ldflags.split()[0][2:]).endswith('/scipy.libs')     # a link where the path has spaces
     assert ops == ['Dot22'] and err < 1e-3
     assert any("scipy's OpenBLAS" in n for n in notes)
@@ -116,7 +116,7 @@ def test_theano_flags_fill_in_only_what_the_user_left_unset():
              'os.environ.get("OPENBLAS_THREAD_TIMEOUT"), machine.NOTES]))')
 
     def config(flags, **environ):
-        env = dict(os.environ, THEANO_FLAGS=flags, THEANORC='/nonexistent', **environ)
+        env = dict(os.environ, THEANO_FLAGS=theano_flags(flags), THEANORC='/nonexistent', **environ)
         for name in ('GOMP_SPINCOUNT', 'OPENBLAS_THREAD_TIMEOUT') + machine.MALLOC_SETTINGS:
             if name not in environ:
                 env.pop(name, None)
@@ -166,10 +166,10 @@ def test_no_cpp_compiler_stops_before_any_work_with_the_remedy(tmp_path):
     """Without g++ Theano warned, fell back to Python code, and the run died at its first minibatch."""
     make_mnist(str(tmp_path), ntrain=600, ntest=100)    # never a download, whatever happens
     for environ, expected in (
-            (dict(THEANO_FLAGS='cxx='), 'error: THEANO_FLAGS or .theanorc set cxx=, which turns it off: '),
-            (dict(THEANO_FLAGS='cxx=/nonexistent/g++'),
+            (dict(THEANO_FLAGS=theano_flags('cxx=')), 'error: THEANO_FLAGS or .theanorc set cxx=, which turns it off: '),
+            (dict(THEANO_FLAGS=theano_flags('cxx=/nonexistent/g++')),
              'error: THEANO_FLAGS or .theanorc set cxx=/nonexistent/g++, which is not found: '),
-            (dict(PATH=str(tmp_path), THEANO_FLAGS=''),     # no g++ on the PATH, none named
+            (dict(PATH=str(tmp_path), THEANO_FLAGS=theano_flags()),     # no g++ on the PATH, none named
              "error: no C++ compiler (g++): Theano compiles the scripts' ops as C++; "
              "install it: sudo apt-get install g++ (bash setup.sh does, as root)\n")):
         out = subprocess.run([sys.executable, 'mnist_mlp.py', '--nepoch=0', '--datadir=%s' % tmp_path,
@@ -194,7 +194,7 @@ def test_an_unwritable_home_gets_theano_a_compiledir_in_the_temporary_folder(tmp
     assert 'base_compiledir=%s/theano-%d' % (tmp_path, os.getuid()) in flags.split(',')
     assert any(n.startswith('base_compiledir=') for n in notes)
     flags, notes = python('import json, os; from engine import machine; machine.set_up(); print(json.dumps([os.environ["THEANO_FLAGS"], machine.NOTES]))',
-                          HOME=str(home_file), THEANORC='/nonexistent', THEANO_FLAGS='compiledir=/x')
+                          HOME=str(home_file), THEANORC='/nonexistent', THEANO_FLAGS='compiledir=%s' % (tmp_path / 'x'))
     assert 'base_compiledir' not in flags                           # the user's own setting wins
 
 
@@ -302,14 +302,13 @@ def test_libgpuarray_opens_the_driver_through_the_links_without_a_restart(tmp_pa
     (tmp_path / 'stub.c').write_text('int cuDriverGetVersion(int *v) { *v = 12080; return 0; }\n')
     subprocess.run(['gcc', '-shared', '-fPIC', '-o', str(tmp_path / 'lib64' / 'libcuda.so.1'), str(tmp_path / 'stub.c')],
                    check=True)
-    try:
-        out = subprocess.run([sys.executable, 'mnist_mlp.py', '--datadir=%s' % tmp_path], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300,
-                             env=dict(os.environ, CUDA_HOME=str(tmp_path), THEANO_FLAGS='device=cuda'))
-    finally:    # the venv's links as they were: to this machine's libraries, not the stand-in
-        gpustack.link_cuda_libraries(gpustack.links_folder(), found)
+    python = venv_beside(tmp_path / 'venv')         # its links are made there, this venv's left alone
+    out = subprocess.run([python, 'mnist_mlp.py', '--datadir=%s' % tmp_path], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, CUDA_HOME=str(tmp_path), THEANO_FLAGS=theano_flags('device=cuda')))
     assert out.returncode == 1 and 'Traceback' not in out.stderr
-    assert 'cuda-links/libcuda.so: undefined symbol' in out.stderr
+    opened = re.search(r'(\S+/cuda-links/libcuda\.so): undefined symbol', out.stderr)
+    assert opened and os.path.normpath(opened.group(1)) == str(tmp_path / 'venv' / 'cuda-links' / 'libcuda.so')
     assert "NVRTC and cuBLAS from NVIDIA's wheels in this venv" in out.stdout
     # the log names the files and the versions they report (NVRTC and cuBLAS answer without a GPU)
     stack = next(line for line in out.stdout.splitlines() if line.startswith('# GPU stack: '))
@@ -330,7 +329,7 @@ def test_a_pygpu_that_does_not_import_leaves_the_cpu_run_alone_and_stops_device_
     out = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     out = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=dict(env, THEANO_FLAGS='device=cuda'))
+                         env=dict(env, THEANO_FLAGS=theano_flags('device=cuda')))
     assert out.returncode == 1 and 'Traceback' not in out.stderr
     assert out.stderr.strip().splitlines() == ["error: THEANO_FLAGS asks for cuda, but pygpu does not import "
                                                "(/lib/x86_64-linux-gnu/libc.so.6: version `GLIBC_2.33' not found): "
@@ -380,15 +379,27 @@ def test_memory_used_names_the_gpus_memory_in_use_on_the_gpu(monkeypatch):
     assert machine.memory_used()['gpu_in_use'] == 2048
 
 
-@pytest.mark.skipif(os.path.realpath(sys.prefix) != os.path.realpath(os.path.join(ROOT, '.venv')),
-                    reason="runs setup.sh on this project's own .venv, which this Python is not")
 def test_setup_says_ready_only_when_the_venv_imports_what_it_set_up(tmp_path):
-    """It said `ready` with nothing after it on a .venv whose pygpu did not import."""
+    """It said `ready` with nothing after it on a .venv whose pygpu did not import.  Run in a copy of
+    the project whose .venv sees this one's packages: this .venv is left alone, and no apt-get runs."""
+    project, stubs = tmp_path / 'project', tmp_path / 'bin'
+    tracked = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip('not a git checkout: the project\'s files are not known')
+    for name in tracked.stdout.split():
+        os.makedirs(project / os.path.dirname(name), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), project / name)
+    venv_beside(project / '.venv', pip=True)
+    stubs.mkdir()
+    for tool in ('apt-get', 'sudo'):
+        (stubs / tool).write_text('#!/bin/sh\necho "%s: not in this test" >&2\nexit 1\n' % tool)
+        (stubs / tool).chmod(0o755)
     (tmp_path / 'theano').mkdir()
     (tmp_path / 'theano' / '__init__.py').write_text('raise ImportError("libpython3.11.so.1.0: cannot open")\n')
-    out = subprocess.run(['bash', 'setup.sh'], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, PYTHONPATH=str(tmp_path)))
-    assert out.returncode == 1 and 'ready:' not in out.stdout
+    out = subprocess.run(['bash', 'setup.sh'], cwd=project, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=str(tmp_path), PATH='%s:%s' % (stubs, os.environ['PATH']),
+                                  PIP_NO_INDEX='1'))
+    assert out.returncode == 1 and 'ready:' not in out.stdout, out.stderr
     assert out.stderr.strip().splitlines()[-1] == ('setup.sh: NOT ready: .venv/bin/python cannot do what was asked: '
                                                    'ImportError: libpython3.11.so.1.0: cannot open')
 

@@ -245,9 +245,10 @@ def test_resume_takes_the_stopped_runs_settings_and_refuses_what_cannot_go_on(tm
             resume()
 
 
-def test_a_run_killed_outright_goes_on_from_its_last_logged_row(tmp_path, monkeypatch, capsys):
-    """No record, no saved file: only the checkpoint written at each logged row survives (an error
-    in training leaves the same, and the log's last line says how to go on)."""
+def test_a_run_that_fails_in_training_goes_on_from_its_last_logged_row(tmp_path, monkeypatch, capsys):
+    """An error in training: no record, no saved file, only the checkpoint written at each logged
+    row survives, and the log's last line says how to go on (as after a SIGKILL, which
+    test_promises.py sends)."""
     def run(folder, **resume):
         return runlog.train_and_log(small_trainer(), 4, 'test', {'eta': 0.1}, {}, str(tmp_path / folder), 0, 1.0,
                                     data_fingerprint='f', **resume)
