@@ -167,7 +167,8 @@ def test_bad_batches_raise_a_clear_error_naming_the_file(cifar_dir, damage, mess
     assert 'data_batch_3' in str(e.value)
 
 
-def test_download_checks_md5_and_leaves_nothing_behind(tmp_path):
+def test_download_checks_md5_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.delenv('NNET_OFFLINE')              # file:// addresses: nothing leaves this machine
     src = tmp_path / 'src.bin'
     src.write_bytes(b'hello cifar' * 1000)
     good = hashlib.md5(src.read_bytes()).hexdigest()
@@ -181,6 +182,11 @@ def test_download_checks_md5_and_leaves_nothing_behind(tmp_path):
     assert os.listdir(tmp_path / 'out') == []
     cifar10.download([(tmp_path / 'nowhere').as_uri(), src.as_uri()], target, good)  # next mirror
     assert open(target, 'rb').read() == src.read_bytes()
+    os.remove(target)
+    monkeypatch.setenv('NNET_OFFLINE', '1')         # nothing tried, and the same advice
+    with pytest.raises(cifar10.DataError, match='(?s)not fetched: NNET_OFFLINE is set.*put it at'):
+        cifar10.download([src.as_uri()], target, good)
+    assert not os.path.exists(target)
 
 
 def _archive(datadir, folder_name, extra=None):

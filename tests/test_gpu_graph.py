@@ -175,5 +175,24 @@ def test_none_of_our_cpu_ops(graphs):
     assert not ours
 
 
+def test_a_short_run_on_a_real_gpu(tmp_path):
+    """Where a GPU works (pygpu, the NVIDIA driver): the MNIST MLP's epoch on it, its step on the GPU."""
+    if importlib.util.find_spec('pygpu') is None:
+        pytest.skip('needs pygpu: bash setup.sh --gpu')
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from conftest import ROOT, make_mnist, only_record, theano_flags
+    from engine import gpustack
+    if not gpustack.find_cuda_libraries(gpustack.cuda_folders())['libcuda.so']:
+        pytest.skip('no NVIDIA driver here (libcuda.so.1)')
+    make_mnist(str(tmp_path), ntrain=600, ntest=100)
+    out = subprocess.run([sys.executable, 'mnist_mlp.py', '--nepoch=1', '--H1=50', '--H2=None', '--datadir=%s' % tmp_path,
+                          '--outdir=%s' % (tmp_path / 'runs')], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, THEANO_FLAGS=theano_flags('device=cuda')))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '# GPU ops of the training step: ' in out.stdout
+    record = only_record(tmp_path / 'runs')
+    assert record['device'].endswith('(cuda)') and record['status'] == 'completed' and record['test'][1] > 50
+
+
 if __name__ == '__main__':
     print(json.dumps(gpu_graphs()))
