@@ -55,6 +55,14 @@ MUTATIONS = [  # what, file, published text, mutated text
      'self.b = nnet.theano.shared(np.zeros(C, nnet.floatX))', 'self.b = nnet.theano.shared(np.full(C, 0.1, nnet.floatX))'),
     ('the gradient of the summed cost (published: the minibatch mean, for eta = 0.01)', 'nnet.py',
      'T.grad(sum_cost / x.shape[0].astype(floatX), net.params)', 'T.grad(sum_cost, net.params)'),
+    ('a resumed run starting its momenta from zero (resume: as a run never stopped)', 'nnet.py',
+     '                v.set_value(f[name].astype(floatX))', '                v.set_value(0 * f[name].astype(floatX))'),
+    ('the seconds column starting again at 0 when resumed (docs/running.md: it goes on)', 'engine/runlog.py',
+     't0 = time.time() - before ', 't0 = time.time() '),
+    ('no checkpoint at the logged rows (a run killed outright has nothing to go on from)', 'engine/runlog.py',
+     'if checkpoint and not write_checkpoint(', 'if False and not write_checkpoint('),
+    ('a record left in the outdir whose parameters went elsewhere (a full disk)', 'engine/runlog.py',
+     '                    os.remove(written)', '                    pass'),
 ]
 
 

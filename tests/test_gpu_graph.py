@@ -8,7 +8,9 @@ context: the GPU's optimizations and shared variables enabled as `device=cuda` d
 arrays standing in for the GPU's, nothing executed.  Needs pygpu (bash setup.sh --gpu).
 
 Run as a script (python tests/test_gpu_graph.py), it prints each graph's nodes as JSON; the
-tests run it in a subprocess, as the stand-in changes Theano for the whole process.
+tests run it in a subprocess, as the stand-in changes Theano for the whole process.  With
+--as-built it writes gpu_graphs_as_built.txt: the graphs before Theano's optimizer, as the
+layers build them for the GPU, which the tests then hold them to.
 """
 import importlib.util
 import json
@@ -76,6 +78,9 @@ def gpu_graphs():
     compile_function, graphs = theano.function, {}
 
     def optimize(inputs, outputs, name=None, **kwargs):
+        # as built, before Theano's optimizer: what the layers and the update rule write
+        updated = [new for _, new in kwargs.get('updates', [])]
+        graphs[name + ' as built'] = theano.printing.debugprint(list(outputs) + updated, file='str', print_type=True)
         try:
             compile_function(inputs, outputs, name=name, mode=theano.compile.Mode(StopAtLinker(), 'fast_run'),
                              **kwargs)
@@ -169,8 +174,25 @@ def test_conv2d_is_gpucorrmm(graphs):
     assert 'GpuCorrMM' in train and 'GpuCorrMM_gradWeights' in train and 'GpuImages2Neibs' not in train
 
 
+AS_BUILT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_graphs_as_built.txt')
+
+
+def as_built_text(graphs):
+    """Each configuration's training and evaluation graphs as the GPU run builds them (debugprint)."""
+    return ''.join('== %s %s\n%s' % (config, fn, graphs[config][fn + ' as built'])
+                   for config in sorted(graphs) for fn in ('train', 'eval'))
+
+
+def test_the_gpu_run_builds_the_graphs_it_built_before(graphs):
+    """The graphs the layers, the cost and the update rule build for device=cuda, before Theano's
+    optimizer, are those committed in gpu_graphs_as_built.txt (written by `python
+    tests/test_gpu_graph.py --as-built`): a change to the layers that reaches the GPU shows here."""
+    with open(AS_BUILT) as f:
+        assert as_built_text(graphs) == f.read()
+
+
 def test_none_of_our_cpu_ops(graphs):
-    ours = {n['op'] for g in graphs.values() for nodes in g.values() for n in nodes
+    ours = {n['op'] for g in graphs.values() for fn in ('train', 'eval') for n in g[fn]
             if n['module'].startswith('engine.')}
     assert not ours
 
@@ -195,4 +217,8 @@ def test_a_short_run_on_a_real_gpu(tmp_path):
 
 
 if __name__ == '__main__':
-    print(json.dumps(gpu_graphs()))
+    if sys.argv[1:] == ['--as-built']:
+        with open(AS_BUILT, 'w') as f:
+            f.write(as_built_text(gpu_graphs()))
+    else:
+        print(json.dumps(gpu_graphs()))
