@@ -13,6 +13,7 @@ importing a module here changes nothing in Theano beyond registering ops.
     gpustack     the GPU's libraries: CUDA wheels for the driver, the links libgpuarray opens
     cpuops       faster CPU ops: pooling, the convolution's patch copy, bias + ReLU
     cpublas      faster CPU ops: the dense products, channel sums, the momentum update
+    csource      their compile-cache keys, from the C they compile: never a stale kernel
     download     the data folder, verified downloads, the data's fingerprint, the splits
     runlog       the drivers' plumbing: --name=value overrides, the published log, Ctrl-C,
                  resume, checkpoints, saving a run

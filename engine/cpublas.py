@@ -39,6 +39,7 @@ from theano.tensor import blas
 from . import machine
 
 from .cpuops import c_alias
+from .csource import KeyedBySource
 
 DENSE_GEMM = r"""
 #ifdef __AVX512F__
@@ -330,15 +331,12 @@ class _Dense:
     def c_compile_args(self):
         return super().c_compile_args() + ['-fopenmp']
 
-    def c_code_cache_version(self):        # raise it with any change to DENSE_GEMM or ours_first
-        return super().c_code_cache_version() + ('dense', 17)
 
-
-class Dot22(_Dense, blas.Dot22):
+class Dot22(KeyedBySource, _Dense, blas.Dot22):
     """Theano's Dot22 (z = x y), float32 through dense_gemm where it suits."""
 
 
-class Gemm(_Dense, blas.Gemm):
+class Gemm(KeyedBySource, _Dense, blas.Gemm):
     """Theano's Gemm (z = b z + a x y), float32 through dense_gemm where it suits."""
 
 
@@ -364,7 +362,7 @@ def momentum(p, v, g, mu, eta, lam=None):
     return MomentumUpdate(lam is not None)(v, p, g, mu, -eta, *decay)
 
 
-class MomentumUpdate(OpenMPOp):
+class MomentumUpdate(KeyedBySource, OpenMPOp):
     """(v, p, g, mu, c[, d]) -> (v', p'): v' = mu v + c g (+ d p), p' = p + v'; momentum()'s step,
     each element read and written once, in v's and p's own buffers once in place (momentum_in_place)."""
     __props__ = ('decay', 'inplace')
@@ -399,9 +397,6 @@ class MomentumUpdate(OpenMPOp):
 
     def infer_shape(self, node, shapes):
         return shapes[:2]
-
-    def c_code_cache_version(self):        # raise it with any change to c_code
-        return (2, self.openmp)
 
     def c_code(self, node, name, inputs, outputs, sub):
         v, p, g, mu, c = inputs[:5]
@@ -500,9 +495,6 @@ class MomentumGemm(Gemm):
     def infer_shape(self, node, shapes):
         return [shapes[0], shapes[5]]
 
-    def c_code_cache_version(self):        # raise it with any change to c_code
-        return super().c_code_cache_version() + ('momentum', 2)
-
     def c_code(self, node, name, inputs, outputs, sub):
         _z, _a, _x, _y, _b, _p = inputs[:6]
         _zout, _pout = outputs
@@ -540,7 +532,7 @@ class MomentumGemm(Gemm):
         }""" % dict(locals(), alias=c_alias(_pout, _p))
 
 
-class ChannelSum(theano.Op):
+class ChannelSum(KeyedBySource, theano.Op):
     """A float32 array (N, C) or (N, C, H, W) summed over every axis but 1: the bias gradients.
 
     Theano's Sum{axis=[0]} and Sum{axis=[0, 2, 3]} of float32 sum in float64 one element at a
@@ -563,9 +555,6 @@ class ChannelSum(theano.Op):
 
     def infer_shape(self, node, shapes):
         return [(shapes[0][1],)]
-
-    def c_code_cache_version(self):        # raise it with any change to c_code
-        return (1,)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, = inputs

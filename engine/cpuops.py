@@ -43,6 +43,7 @@ from theano.gof.opt import TopoOptimizer, local_optimizer
 from theano.tensor.nnet import corr
 
 from . import openblas
+from .csource import KeyedBySource
 
 
 UNSIGNED = {'float32': 'npy_uint32', 'float64': 'npy_uint64'}    # same width: the gradient's masks
@@ -81,7 +82,7 @@ def c_alias(var, source):
     }""" % locals()
 
 
-class _Pooling(OpenMPOp):
+class _Pooling(KeyedBySource, OpenMPOp):
     """What the pooling ops share: window and stride as compile-time constants, OpenMP."""
     __props__ = ('ws', 'stride')
 
@@ -161,9 +162,6 @@ class MaxPool(_Pooling):
 
     def L_op(self, inputs, outputs, output_grads):      # the pooled output as computed, not a second node
         return [MaxPoolGrad(self.ws, self.stride)(inputs[0], outputs[0], output_grads[0])]
-
-    def c_code_cache_version(self):        # raise it with any change to c_code or MAX_POOL_LANES*
-        return ('max-pool-lanes', 2, self.openmp)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, = inputs
@@ -343,9 +341,6 @@ class MaxPoolGrad(_Pooling):
     def infer_shape(self, node, shapes):
         return [shapes[0]]
 
-    def c_code_cache_version(self):        # raise it with any change to c_code or OVERLAPPING_*
-        return ('max-pool-grad-lanes', 4, self.openmp)     # 9001 and 9002: mutation checks
-
     def c_code(self, node, name, inputs, outputs, sub):
         x, z, gz = inputs
         gx, = outputs
@@ -468,9 +463,6 @@ class PooledFilterGrad(_Pooling):
         if not x.dtype == c.dtype == z.dtype == gz.dtype in UNSIGNED:
             raise TypeError('pooled filter gradient: x, c, z and gz must all be float32 or all float64')
         return theano.Apply(self, [x, c, z, gz], [T.TensorType(x.dtype, (False,) * 4)()])
-
-    def c_code_cache_version(self):        # raise it with any change to the C code
-        return ('pooled-filter-grad', 18, self.openmp)     # 16, 17 and 99 were used by trial builds
 
     def infer_shape(self, node, shapes):
         (n, C, H, W), (n, F, Hc, Wc) = shapes[:2]
@@ -677,9 +669,6 @@ class _RowsIm2col:
         ours = FAST_IM2COL % dict(t=NPY_FLOAT[node.inputs[0].dtype])
         return code.replace(theirs, 'void im2col_theano(const ').replace(next_function, ours + next_function)
 
-    def c_code_cache_version(self):        # raise it with any change to FAST_IM2COL
-        return super().c_code_cache_version() + ('rows-im2col', 2)
-
 
 # The forward correlation without a patch matrix, for maps of at most 32 columns: each output
 # row of a block of 8 filters summed in 16 vector registers (2 vectors of 16 columns a filter),
@@ -777,7 +766,7 @@ DIRECT_STORE_PART = {'float32': '_mm512_mask_storeu_ps(to, (__mmask16)((1u << n)
                      'float64': 'for (npy_intp i = 0; i < n; i++) to[i] = v[i];'}
 
 
-class CorrMM(_RowsIm2col, corr.CorrMM):
+class CorrMM(KeyedBySource, _RowsIm2col, corr.CorrMM):
     """Theano's CorrMM (the forward correlation) with the faster im2col, and, with AVX-512, the
     direct correlation for valid, stride-1 maps of at most 32 columns; its filter gradients too."""
 
@@ -796,9 +785,6 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
 
     def c_headers(self):
         return super().c_headers() + INTRINSICS_HEADERS
-
-    def c_code_cache_version(self):        # raise it with any change to DIRECT_CORRELATION
-        return super().c_code_cache_version() + ('direct', 10)
 
     def c_code(self, node, nodename, inputs, outputs, sub):
         theirs = super().c_code(node, nodename, inputs, outputs, sub)
@@ -847,7 +833,7 @@ class CorrMM(_RowsIm2col, corr.CorrMM):
         return d_bottom, CorrMM_gradWeights(**self._props_dict())(bottom, top, weights.shape[-2:])
 
 
-class CorrMM_gradWeights(_RowsIm2col, corr.CorrMM_gradWeights):
+class CorrMM_gradWeights(KeyedBySource, _RowsIm2col, corr.CorrMM_gradWeights):
     """Theano's filter gradient of CorrMM with the faster im2col."""
 
 
@@ -856,7 +842,7 @@ def relu_with_bias(x, b):
     return BiasReLU()(x, b)
 
 
-class BiasReLU(OpenMPOp):
+class BiasReLU(KeyedBySource, OpenMPOp):
     """(x, b) -> max(x + b, 0), b added along axis 1 of x (N, C) or (N, C, H, W): a layer's
     threshold and ReLU in one pass, Theano's values bit for bit (NaN and -0 kept alike).
 
@@ -898,9 +884,6 @@ class BiasReLU(OpenMPOp):
         x, b = inputs
         gx = output_grads[0] * T.gt(outputs[0], 0)
         return [gx, gx.sum(axis=(0,) + tuple(range(2, x.ndim)))]
-
-    def c_code_cache_version(self):        # raise it with any change to c_code
-        return (3, self.openmp)
 
     def c_code(self, node, name, inputs, outputs, sub):
         x, b = inputs
