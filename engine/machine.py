@@ -140,7 +140,7 @@ def require_gpu_stack(device, environ):
     now (a toolkit in CUDA_HOME, the driver of the machine a set-up was carried to) under the
     names libgpuarray opens, and say for the log where NVRTC and cuBLAS come from."""
     def refuse(cause):
-        sys.exit('error: THEANO_FLAGS asks for %s, but %s' % (device, cause))
+        sys.exit('error: %s asks for %s, but %s' % (flag_origin('device'), device, cause))
     if importlib.util.find_spec('pygpu') is None:
         refuse('pygpu is not installed: bash setup.sh --gpu installs it and libgpuarray')
     try:
@@ -687,4 +687,4 @@ def require_gpu_if_asked(gpu_ops=None):
         cause = 'the compiled training function has no GPU op'
     else:
         return
-    sys.exit('error: THEANO_FLAGS asks for %s, but %s' % (theano.config.device, cause))
+    sys.exit('error: %s asks for %s, but %s' % (flag_origin('device'), theano.config.device, cause))

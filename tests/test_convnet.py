@@ -241,6 +241,15 @@ def test_drivers_refuse_a_gpu_that_did_not_start_before_loading_data(script, tmp
     assert '### training' not in result.stdout and os.listdir(tmp_path) == []
 
 
+def test_a_gpu_asked_for_in_a_theanorc_is_refused_naming_the_theanorc(tmp_path):
+    theanorc = tmp_path / 'theanorc'
+    theanorc.write_text('[global]\ndevice = cuda\n')
+    result = run_script('mnist_mlp.py', '--datadir=%s' % tmp_path, THEANO_FLAGS=theano_flags(), THEANORC=str(theanorc),
+                        CUDA_VISIBLE_DEVICES='')
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith('error: .theanorc asks for cuda, but ')
+
+
 def test_mnist_mlp_runs_end_to_end(tmp_path):
     make_mnist(str(tmp_path), ntrain=600, ntest=100)
     result = run_script('mnist_mlp.py', '--H1=50', '--H2=20', '--nepoch=5', '--Wstd=0.1',  # tiny layers
