@@ -9,7 +9,7 @@ then ZCA whitening (epsilon 0.001) fitted on the training images only.
 The data live in DATADIR/cifar-10-batches-py/.  DATADIR is the drivers' `datadir`
 setting (a relative one taken from these scripts' folder), else $NNET_DATADIR, else ./data
 beside these scripts.  Absent data are
-downloaded (official archive, md5-checked; download.py).  It needs numpy only (scipy, if
+downloaded (official archive, md5-checked; engine/download.py).  It needs numpy only (scipy, if
 present, speeds up ZCA).
 """
 import glob

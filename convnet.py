@@ -27,7 +27,7 @@ class ConvLayer:
 
     A cross-correlation (filters not flipped, as in today's frameworks), so the learnt
     filters show as they are applied.  Two ways to compute it, same values:
-      impl='conv2d': on the CPU Theano's CorrMM, with cpuops.py's faster patch copy (the
+      impl='conv2d': on the CPU Theano's CorrMM, with engine/cpuops.py's faster patch copy (the
         faster one there: 2.7 against 8.9 s a training epoch, before that copy); on the
         GPU Theano's conv2d, which compiles to GpuCorrMM, which
         loops over the minibatch: an im2col kernel and a small cuBLAS product per image,
@@ -69,7 +69,7 @@ class PoolLayer:
 
     st=None means st=ds (non-overlapping); st smaller than ds overlaps.  Windows that
     would cross the border are dropped (output (H - ds) // st + 1 rows).  On the CPU
-    cpuops.py's MaxPool and MaxPoolGrad (Theano's values, faster; with disjoint windows
+    engine/cpuops.py's MaxPool and MaxPoolGrad (Theano's values, faster; with disjoint windows
     after a ConvLayer, the filters' gradient comes from the maxima, cpuops.PooledFilterGrad);
     on the GPU Theano's pool_2d, which compiles to GpuPool and GpuMaxPoolGrad.
     """

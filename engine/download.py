@@ -140,7 +140,7 @@ def split_rows(raw, dtype):
     """{split: rows} for raw {split: (pixels (N, D) uint8, labels)}: the rows of all splits in one
     (N_total, D) array of dtype, uninitialised, each split's a view of it in order, so that
     nnet.Trainer takes that array as it is (no second copy of the data)."""
-    import numpy as np                 # here: machine.py must load before numpy, and sweep.py imports this
+    import numpy as np                 # here: numpy loads after machine.set_up(), and the sweeps import this
     sizes = [len(y) for pixels, y in raw.values()]
     rows = np.empty((sum(sizes), raw['L'][0].shape[1]), dtype)
     ends = np.cumsum(sizes)

@@ -1,5 +1,5 @@
 """The GPU back end's libraries: setup.sh --gpu's libgpuarray 0.7.6 in the venv, and the CUDA
-driver, NVRTC and cuBLAS it opens.  Standard library only: machine.py calls it before Theano
+driver, NVRTC and cuBLAS it opens.  Standard library only: engine/machine.py calls it before Theano
 loads pygpu, and setup.sh runs it (`python gpustack.py cuda-wheels`) before anything is installed.
 """
 import ctypes

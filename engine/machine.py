@@ -5,7 +5,7 @@ decides, before numpy or Theano has loaded a BLAS:
   - the BLAS Theano links (blas.ldflags): the system OpenBLAS, else the one scipy's wheel
     carries (no root needed), else Theano's slow numpy fallback, with a warning;
   - the OpenBLAS kernels: if any OpenBLAS in the process would pick less than the CPU has,
-    OPENBLAS_CORETYPE for all of them (openblas.py);
+    OPENBLAS_CORETYPE for all of them (engine/openblas.py);
   - the other Theano flags (floatX, openmp, allow_gc) and thread settings.
 A setting the user made (THEANO_FLAGS, .theanorc, the environment) always wins.  Then it
 stops a Python that cannot run Theano, a machine without g++ and a flag value Theano refuses,

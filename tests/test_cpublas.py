@@ -1,4 +1,4 @@
-"""cpublas.py: Theano's Dot22 and Gemm with the dense kernel, the momentum update, and the bias
+"""engine/cpublas.py: Theano's Dot22 and Gemm with the dense kernel, the momentum update, and the bias
 gradients' sums, against numpy in float64, and where Theano's optimizer puts them."""
 import numpy as np
 import pytest

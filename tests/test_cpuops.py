@@ -1,4 +1,4 @@
-"""cpuops.py against Theano's own ops: the same values and gradients, bit for bit, but where
+"""engine/cpuops.py against Theano's own ops: the same values and gradients, bit for bit, but where
 an op sums in its own order (the direct correlation, PooledFilterGrad): there to rounding."""
 import numpy as np
 import pytest

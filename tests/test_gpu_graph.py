@@ -1,6 +1,6 @@
 """The compiled graphs as Theano builds them for the GPU (device=cuda), checked without a GPU.
 
-Our CPU ops (cpuops.py, cpublas.py) must stay out of the GPU's graphs: Theano cannot move
+Our CPU ops (engine/cpuops.py, engine/cpublas.py) must stay out of the GPU's graphs: Theano cannot move
 them, so each would run on the host between two transfers, every step, and the run would
 still pass the driver's own check (some GPU op in the step).  A real GPU is rare here, so
 this file runs Theano's optimizer on the training and evaluation graphs under a stand-in GPU

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from engine import machine
 
 SCRIPTS = {'cifar10', 'cifar10_convnet', 'convnet', 'mnist', 'mnist_mlp', 'nnet', 'sweep'}
 
@@ -121,7 +122,7 @@ from engine import cpublas, cpuops, runlog
 print(json.dumps([unloaded, same_env, state() == before]))
 '''
     env = dict(os.environ)
-    env.pop('NNET_MACHINE_SET', None)           # as a user's own process: decided afresh
+    env.pop(machine.SET_BY_US, None)            # as a user's own process: decided afresh
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     unloaded, same_env, unchanged = json.loads(out.stdout.strip().splitlines()[-1])
@@ -135,7 +136,7 @@ def test_import_nnet_in_a_notebook_started_in_the_project_folder_trains():
             'trainer = nnet.Trainer(nnet.MLP(rng, 4, [3], 2), {"L": (X, y)}, 10, 0.1, 0.9, 0.0); '
             'print(json.dumps([bool(machine.NOTES), trainer.train_epoch()[1] >= 0]))')
     env = dict(os.environ)
-    env.pop('NNET_MACHINE_SET', None)
+    env.pop(machine.SET_BY_US, None)
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, True]

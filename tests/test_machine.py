@@ -1,4 +1,4 @@
-"""machine.py: the BLAS and its kernels, Theano's flags and thread settings, never over the user's."""
+"""engine/machine.py: the BLAS and its kernels, Theano's flags and thread settings, never over the user's."""
 import json
 import os
 import platform

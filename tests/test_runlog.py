@@ -1,4 +1,4 @@
-"""runlog.py: the published log, records and parameters on Ctrl-C, --name=value overrides."""
+"""engine/runlog.py: the published log, records and parameters on Ctrl-C, --name=value overrides."""
 import json
 import os
 import signal
