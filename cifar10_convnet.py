@@ -71,7 +71,7 @@ from engine.download import DataError, default_datadir   # noqa: E402
 
 
 def main():
-    conv_used = convnet.conv_impl(conv)
+    conv_used = runlog.conv_impl(conv)
     out_folder = runlog.folder('outdir', outdir)
     data_folder = runlog.folder('datadir', datadir or default_datadir())
     info = runlog.print_run_info()

@@ -8,30 +8,18 @@ import theano.tensor as T
 from theano.tensor.nnet.neighbours import images2neibs
 from theano.tensor.signal.pool import pool_2d
 
-from engine import cpuops, machine
-
 CONV_IMPLS = ('conv2d', 'im2col')
-
-
-def conv_impl(name):
-    """'auto' -> 'im2col' on the GPU, 'conv2d' on the CPU; other names are checked and returned."""
-    if name == 'auto':
-        return 'im2col' if machine.gpu_asked() else 'conv2d'
-    if name not in CONV_IMPLS:
-        raise ValueError('convolution %r: use one of %s or auto' % (name, ', '.join(CONV_IMPLS)))
-    return name
 
 
 class ConvLayer:
     """nfilter filters of C x h x w over (C, H, W) inputs: stride 1, no padding, no bias.
 
     A cross-correlation (filters not flipped, as in today's frameworks), so the learnt
-    filters show as they are applied.  Two ways to compute it, same values:
-      impl='conv2d': on the CPU Theano's CorrMM, with engine/cpuops.py's faster patch copy (the
-        faster one there: 2.7 against 8.9 s a training epoch, before that copy); on the
-        GPU Theano's conv2d, which compiles to GpuCorrMM, which
-        loops over the minibatch: an im2col kernel and a small cuBLAS product per image,
-        200 launches for the forward pass of 100 images and 200 more for the gradient.
+    filters show as they are applied.  Two ways to write it, same values:
+      impl='conv2d': Theano's conv2d.  Theano's optimizer makes it CorrMM on the CPU (and
+        our faster CorrMM: engine/rewrites.py), GpuCorrMM on the GPU, which loops
+        over the minibatch: an im2col kernel and a small cuBLAS product per image, 200
+        launches for the forward pass of 100 images and 200 more for the gradient.
       impl='im2col': the patches of the whole minibatch as one matrix (Images2Neibs, one
         kernel on the GPU), times the filters in one matrix product; the gradient is one
         more product.
@@ -45,12 +33,12 @@ class ConvLayer:
         self.params = self.decay = [self.W]
         self.input_shape = tuple(input_shape)
         self.output_shape = (nfilter, H - h + 1, W - w + 1)
-        self.impl = conv_impl(impl)
+        if impl not in CONV_IMPLS:
+            raise ValueError('convolution %r: use one of %s' % (impl, ', '.join(CONV_IMPLS)))
+        self.impl = impl
 
     def output(self, x):
         if self.impl == 'conv2d':
-            if not machine.gpu_asked():
-                return cpuops.correlate(x, self.W)
             return T.nnet.conv2d(x, self.W, input_shape=(None,) + self.input_shape,
                                  filter_shape=self.filter_shape, filter_flip=False)
         F, C, h, w = self.filter_shape
@@ -68,10 +56,10 @@ class PoolLayer:
     """Max-pooling with window ds and stride st, then a per-channel threshold b and an activation.
 
     st=None means st=ds (non-overlapping); st smaller than ds overlaps.  Windows that
-    would cross the border are dropped (output (H - ds) // st + 1 rows).  On the CPU
-    engine/cpuops.py's MaxPool and MaxPoolGrad (Theano's values, faster; with disjoint windows
-    after a ConvLayer, the filters' gradient comes from the maxima, cpuops.PooledFilterGrad);
-    on the GPU Theano's pool_2d, which compiles to GpuPool and GpuMaxPoolGrad.
+    would cross the border are dropped (output (H - ds) // st + 1 rows).  Theano's pool_2d;
+    on the CPU rewrites (engine/rewrites.py) make it and its gradient faster ops of Theano's
+    values (and, with disjoint windows after a convolution, take the filters' gradient from
+    the maxima).
     """
 
     def __init__(self, input_shape, ds, st=None, activation='relu'):
@@ -83,10 +71,7 @@ class PoolLayer:
         self.output_shape = (C,) + tuple((n - d) // s + 1 for n, d, s in zip((H, W), self.ds, self.st))
 
     def output(self, x):
-        if machine.gpu_asked():
-            pooled = pool_2d(x, ws=self.ds, stride=self.st, ignore_border=True, mode='max')
-        else:
-            pooled = cpuops.max_pool(x, self.ds, self.st)
+        pooled = pool_2d(x, ws=self.ds, stride=self.st, ignore_border=True, mode='max')
         return nnet.activate(self.activation, pooled, self.b)
 
 
@@ -106,7 +91,7 @@ class CNN(nnet.Network):
 
     convpool: a list of (nfilter, (h, w), ds, st) stages; hidden: the sizes of the
     ReLU layers after flattening; Wstd: the initial weights' standard deviation;
-    conv: how to compute the convolutions (ConvLayer's impl, or 'auto').
+    conv: how to write the convolutions (ConvLayer's impl).
     """
 
     def __init__(self, rng, input_shape, convpool, hidden, K, Wstd=nnet.W_STD, conv='conv2d'):

@@ -58,11 +58,12 @@ def theano_trainer(config, X, y, conv):
     """The configuration's network and its compiled nnet.Trainer, as its driver builds them."""
     import convnet
     import nnet
+    from engine import runlog
     setup = CONFIGS[config]
     rng = np.random.RandomState(0)
     if setup.convpool:
         F, ds, st = setup.convpool
-        net = convnet.CNN(rng, setup.xdim, [(F, (5, 5), ds, st)], setup.hidden, K, conv=conv)
+        net = convnet.CNN(rng, setup.xdim, [(F, (5, 5), ds, st)], setup.hidden, K, conv=runlog.conv_impl(conv))
     else:
         net = nnet.MLP(rng, setup.xdim[0], setup.hidden, K, WSTD)
     return nnet.Trainer(net, {'L': (X, y)}, BATCH, setup.eta, setup.mu, setup.lam,
@@ -242,7 +243,7 @@ def main(argv):
             from engine import runlog
             runlog.print_run_info()
             machine.require_gpu_if_asked()  # not CPU figures under a GPU label
-            print('# convolution: %s' % convnet.conv_impl(conv))
+            print('# convolution: %s' % runlog.conv_impl(conv))
         else:
             as_pytorch_runs()
             import torch

@@ -3,7 +3,7 @@
 The scripts at the top (cifar10_convnet.py, mnist_mlp.py, nnet.py, convnet.py, cifar10.py,
 mnist.py, sweep.py) are what a researcher reads and edits; open these modules only when the
 machinery itself needs a change.  Imports point one way: scripts -> engine, never back, and
-importing a module here changes nothing in Theano beyond registering ops.
+importing a module here changes nothing in Theano beyond registering ops and their rewrites.
 
     machine      the one machine set-up, machine.set_up(), called by the drivers (and the tests)
                  before anything else: Theano's flags, the BLAS and its kernels, compiling C
@@ -11,8 +11,9 @@ importing a module here changes nothing in Theano beyond registering ops.
     openblas     which OpenBLAS kernels run (OPENBLAS_CORETYPE); the loaded BLAS libraries and
                  their threads through threadpoolctl
     gpustack     the GPU's libraries: CUDA wheels for the driver, the links libgpuarray opens
-    cpuops       faster CPU ops: pooling, the convolution's patch copy, bias + ReLU
-    cpublas      faster CPU ops: the dense products, channel sums, the momentum update
+    rewrites     where the faster CPU ops enter Theano's optimizer, under one tag (cpu_kernels)
+    cpuops       faster CPU ops: pooling, the convolution's patch copy, bias + ReLU; their rewrites
+    cpublas      faster CPU ops: the dense products, channel sums, the momentum update; their rewrites
     csource      their compile-cache keys, from the C they compile: never a stale kernel
     download     the data folder, verified downloads, the data's fingerprint, the splits
     runlog       the drivers' plumbing: --name=value overrides, the published log, Ctrl-C,

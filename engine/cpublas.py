@@ -24,22 +24,22 @@ softmax layer), larger operands, float64 and CPUs without AVX-512 keep Theano's 
 BLAS: the same op, its other branch.  The sums run in another order than OpenBLAS's (over the
 columns of the first operand in blocks of KC), so results differ by float rounding.
 
-The momentum update (momentum(), MomentumUpdate, MomentumGemm): see momentum().  ChannelSum: see
-its docstring.  All are Theano optimizations registered when this module is imported (nnet.py
-does), run after Theano's own (its BLAS ones included); the products' only where Theano runs
-with a BLAS and OpenMP (machine.set_up's default).
+The momentum update (MomentumUpdate, MomentumGemm) and ChannelSum: see their docstrings.  All
+enter through Theano's optimizer (engine/rewrites.py; machine.set_up registers them): the
+update from the formula nnet.Trainer writes, the rest after Theano's own rewrites (its BLAS
+ones included); the products' only where Theano runs with a BLAS and OpenMP (machine.set_up's
+default).
 """
 import theano
 import theano.tensor as T
-from theano.compile import optdb
 from theano.gof import OpenMPOp
 from theano.gof.opt import TopoOptimizer, in2out, local_optimizer
 from theano.tensor import blas
 
-from . import machine
-
 from .cpuops import c_alias
 from .csource import KeyedBySource
+from . import rewrites
+from .rewrites import register, register_as_built
 
 DENSE_GEMM = r"""
 #ifdef __AVX512F__
@@ -340,31 +340,15 @@ class Gemm(KeyedBySource, _Dense, blas.Gemm):
     """Theano's Gemm (z = b z + a x y), float32 through dense_gemm where it suits."""
 
 
-def momentum(p, v, g, mu, eta, lam=None):
-    """One step of SGD with momentum for parameter p, its momentum v and its gradient g:
-        v' = mu v - eta lam p - eta g   (no lam term with lam None: no weight decay)
-        p' = p + v'
-    Returns (v', p').  On the CPU one op, in v's and p's own buffers: where g is our Dot22, the
-    decay term and p += v' go into the stores of g's product into v (MomentumGemm: each tile
-    written once), else one pass over v, p and g (MomentumUpdate).  Theano's ops took the product
-    into v, then a pass for the decay term and one for p + v', each over all of v and p: for the
-    published network's 784 x 1000 layer 0.24-0.35 ms of a 6.3-7.6 ms step, where MomentumGemm
-    adds 0.06-0.19 ms to the product.  On the GPU, Theano's elementwise ops.
-    """
-    if machine.gpu_asked():
-        # summed so that Theano's Gemm adds the gradient's product to mu v in v's own buffer
-        # (written as -eta (g + lam p) + mu v, it first copied p: 43 MB with 64 filters and
-        # overlapping pooling)
-        kept = mu * v - eta * lam * p if lam is not None else mu * v
-        v_new = kept - eta * g
-        return v_new, p + v_new
-    decay = (-eta * lam,) if lam is not None else ()
-    return MomentumUpdate(lam is not None)(v, p, g, mu, -eta, *decay)
-
-
 class MomentumUpdate(KeyedBySource, OpenMPOp):
-    """(v, p, g, mu, c[, d]) -> (v', p'): v' = mu v + c g (+ d p), p' = p + v'; momentum()'s step,
-    each element read and written once, in v's and p's own buffers once in place (momentum_in_place)."""
+    """(v, p, g, mu, c[, d]) -> (v', p'): v' = mu v + c g (+ d p), p' = p + v'; one step of SGD
+    with momentum (use_momentum_update), each element read and written once, in v's and p's own
+    buffers once in place (momentum_in_place).
+
+    Theano's ops took the product into v, then a pass for the decay term and one for p + v',
+    each over all of v and p: for the published network's 784 x 1000 layer 0.24-0.35 ms of a
+    6.3-7.6 ms step, where MomentumGemm adds 0.06-0.19 ms to the product.
+    """
     __props__ = ('decay', 'inplace')
 
     def __init__(self, decay, inplace=False, openmp=None):
@@ -455,7 +439,7 @@ class MomentumUpdate(KeyedBySource, OpenMPOp):
 
 class MomentumGemm(Gemm):
     """(v, a, x, y, b, p[, d]) -> (v', p'): v' = b v + a x y (+ d p), p' = p + v', in place: the
-    momentum update with the gradient's product (momentum()'s c g with g = x y, c = a).  Where
+    momentum update with the gradient's product (MomentumUpdate's c g with g = x y, c = a).  Where
     dense_gemm computes the product and p is stored as v, each tile's stores do the update; else
     Theano's BLAS call, then one pass over v and p."""
     __props__ = ('decay',)
@@ -635,15 +619,79 @@ def momentum_in_place(node):
     return False
 
 
-optdb.register('cpublas_channel_sum', in2out(use_channel_sum, name='cpublas_channel_sum'), 70.6, 'fast_run')
+def scaled(var):
+    """(s, x) if var is s * x, a 0-d s broadcast to x, else None."""
+    mul = var.owner
+    if not (mul and isinstance(mul.op, T.Elemwise) and isinstance(mul.op.scalar_op, theano.scalar.Mul)
+            and len(mul.inputs) == 2):
+        return None
+    for shuffled, x in (mul.inputs, mul.inputs[::-1]):
+        if (shuffled.owner and isinstance(shuffled.owner.op, T.DimShuffle) and shuffled.owner.inputs[0].ndim == 0
+                and x.type == var.type):
+            return shuffled.owner.inputs[0], x
+    return None
+
+
+def difference(var):
+    """(a, b) if var is a - b, else None."""
+    sub = var.owner
+    if sub and isinstance(sub.op, T.Elemwise) and isinstance(sub.op.scalar_op, theano.scalar.Sub):
+        return tuple(sub.inputs)
+    return None
+
+
+def momentum_step(v_new, p):
+    """(v, g, mu, c, d) if v_new is mu v - k p - eta g (d = -k, or -eta lam where k is eta lam)
+    or mu v - eta g (d None), with c = -eta: all of p's type but the 0-d scalars of its dtype;
+    else None."""
+    kept, step = difference(v_new) or (None, None)
+    eta, g = scaled(step) if step is not None else (None, None)
+    if eta is None:
+        return None
+    c, d = -eta, None
+    if difference(kept):
+        kept, decay = difference(kept)
+        k, decayed = scaled(decay) or (None, None)
+        if k is None or decayed is not p:
+            return None
+        product = k.owner
+        if (product and isinstance(product.op, T.Elemwise) and isinstance(product.op.scalar_op, theano.scalar.Mul)
+                and len(product.inputs) == 2 and product.inputs[0] is eta):
+            d = c * product.inputs[1]
+        else:
+            d = -k
+    mu, v = scaled(kept) or (None, None)
+    if mu is None or not (v.type == p.type == g.type == v_new.type
+                          and all(s.dtype == p.dtype for s in (mu, c, d) if s is not None)):
+        return None
+    return v, g, mu, c, d
+
+
+@register_as_built
+@local_optimizer([T.add])
+def use_momentum_update(node):
+    """The momentum update as nnet.Trainer writes it, v' = mu v - eta lam p - eta g and p' = p + v'
+    (or without the decay term), to MomentumUpdate(v, p, g, mu, -eta, -eta lam): both in one op.
+    Its sums run in another order (mu v + (-eta) g + (-eta lam) p): the same up to float rounding."""
+    if not (rewrites.cpu_graph() and isinstance(node.op, T.Elemwise) and isinstance(node.op.scalar_op, theano.scalar.Add)
+            and len(node.inputs) == 2):
+        return False
+    for p, v_new in (node.inputs, node.inputs[::-1]):
+        step = momentum_step(v_new, p)
+        if step and p.dtype in ('float32', 'float64'):
+            v, g, mu, c, d = step
+            v_out, p_out = MomentumUpdate(d is not None)(v, p, g, mu, c, *([d] if d is not None else []))
+            return {v_new: v_out, node.outputs[0]: p_out}
+    return False
+
+
+register('cpublas_channel_sum', in2out(use_channel_sum, name='cpublas_channel_sum'), 70.6)
 if theano.config.blas.ldflags and theano.config.openmp:
     # after Theano's BLAS optimizations, Gemm's in-place one (70) included
-    optdb.register('cpublas_dense_gemm', in2out(use_dense_gemm, name='cpublas_dense_gemm'),
-                   70.5, 'fast_run')
+    register('cpublas_dense_gemm', in2out(use_dense_gemm, name='cpublas_dense_gemm'), 70.5)
 # after the products are ours (70.5), in place as Theano's in-place optimizations (after 49.5, its
 # destroy handler): fused with the product where it can be, else alone; where another op still
 # reads v or p, the destroy handler refuses the replacement and the op stays out of place
 for position, optimizer in ((70.7, momentum_with_product), (70.71, momentum_in_place)):
-    optdb.register('cpublas_' + optimizer.__name__,
-                   TopoOptimizer(optimizer, failure_callback=TopoOptimizer.warn_inplace),
-                   position, 'fast_run', 'inplace')
+    register('cpublas_' + optimizer.__name__, TopoOptimizer(optimizer, failure_callback=TopoOptimizer.warn_inplace),
+             position, 'inplace')

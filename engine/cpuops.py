@@ -29,21 +29,27 @@ elsewhere).
 The filter gradient through disjoint max-pooling: the pooling's gradient is zero but at
 each window's maximum, so PooledFilterGrad sums gz times the patch under each maximum
 instead of multiplying the dense, mostly zero gradient with all the patches (with 4x4
-windows, 16 times fewer products).  CorrMM's gradient chooses it when its output goes to
-MaxPool alone; the sums run in another order, so the run's figures move by float rounding.
+windows, 16 times fewer products).  The rewrite of the filter gradient chooses it when the
+output's gradient comes through MaxPool alone; the sums run in another order, so the run's
+figures move by float rounding.
 
-No GPU code: on the GPU, convnet.py keeps Theano's conv2d and pooling (GpuCorrMM, GpuPool).
+All enter through Theano's optimizer (the rewrites at the end; engine/rewrites.py): conv2d,
+pool_2d and maximum(x + b, 0), with their gradients, as the layers write them.  No GPU code:
+on the GPU, Theano's own rewrites take the same graph (GpuCorrMM, GpuPool).
 """
 import numpy as np
 import theano
 import theano.tensor as T
-from theano.compile import optdb
 from theano.gof import OpenMPOp
 from theano.gof.opt import TopoOptimizer, local_optimizer
 from theano.tensor.nnet import corr
+from theano.tensor.nnet.abstract_conv import AbstractConv2d, AbstractConv2d_gradWeights
+from theano.tensor.signal import pool
 
 from . import openblas
 from .csource import KeyedBySource
+from . import rewrites
+from .rewrites import register, register_as_built
 
 
 UNSIGNED = {'float32': 'npy_uint32', 'float64': 'npy_uint64'}    # same width: the gradient's masks
@@ -51,11 +57,6 @@ NPY_FLOAT = {'float32': 'npy_float', 'float64': 'npy_double'}     # support code
 # The AVX-512 paths' intrinsics and flags are x86's (g++ for ARM has no such header: the plain loops run)
 X86 = openblas.is_x86()
 INTRINSICS_HEADERS = ['<immintrin.h>'] if X86 else []
-
-
-def max_pool(x, ws, stride):
-    """Max over ws windows of a 4-d tensor's last two axes, every `stride`; borders left out."""
-    return MaxPool(ws, stride)(x)
 
 
 def _c_array(var, dims, like, fail, ndim='4'):
@@ -820,26 +821,9 @@ class CorrMM(KeyedBySource, _RowsIm2col, corr.CorrMM):
         %(theirs)s
         }""" % c
 
-    def L_op(self, inputs, outputs, output_grads):        # as Theano's grad, with the filter gradients here
-        bottom, weights = inputs
-        top, = output_grads
-        d_bottom = corr.CorrMM_gradInputs(**self._props_dict())(weights, top, bottom.shape[-2:])
-        pooling = top.owner
-        if (pooling and isinstance(pooling.op, MaxPoolGrad) and pooling.inputs[0] is outputs[0]
-                and PooledFilterGrad.serves(pooling.op.ws, pooling.op.stride) and self._plain()):
-            # the output goes to disjoint max-pooling alone: the filter gradient from its maxima
-            _, z, gz = pooling.inputs
-            return d_bottom, PooledFilterGrad(pooling.op.ws, pooling.op.stride)(bottom, outputs[0], z, gz)
-        return d_bottom, CorrMM_gradWeights(**self._props_dict())(bottom, top, weights.shape[-2:])
-
 
 class CorrMM_gradWeights(KeyedBySource, _RowsIm2col, corr.CorrMM_gradWeights):
     """Theano's filter gradient of CorrMM with the faster im2col."""
-
-
-def relu_with_bias(x, b):
-    """max(x + b, 0) with b (C,) added along axis 1 of x (N, C) or (N, C, H, W): BiasReLU."""
-    return BiasReLU()(x, b)
 
 
 class BiasReLU(KeyedBySource, OpenMPOp):
@@ -942,10 +926,171 @@ def bias_relu_in_place(node):
 
 # as Theano's in-place elementwise optimization (75): where another op still reads x, Theano's
 # destroy handler refuses the replacement and the op stays as it is
-optdb.register('cpuops_bias_relu_in_place', TopoOptimizer(bias_relu_in_place, failure_callback=TopoOptimizer.warn_inplace),
-               75.5, 'fast_run', 'inplace')
+register('cpuops_bias_relu_in_place', TopoOptimizer(bias_relu_in_place, failure_callback=TopoOptimizer.warn_inplace),
+         75.5, 'inplace')
 
 
-def correlate(x, W):
-    """Valid cross-correlation of (N, C, H, W) images with (F, C, h, w) filters, stride 1: CorrMM's."""
-    return CorrMM('valid', (1, 1))(x, W)
+# ---------------------------------------------------------------- the rewrites (engine/rewrites.py)
+
+def corr_props(op):
+    """CorrMM's settings from an abstract convolution's (what Theano's own lowering passes)."""
+    return dict(border_mode=op.border_mode, subsample=op.subsample, filter_dilation=op.filter_dilation,
+                num_groups=op.num_groups, unshared=op.unshared)
+
+
+def flipped(filters):
+    """The filters turned 180 degrees in their last two axes: conv2d's filter_flip."""
+    return filters[(slice(None),) * (filters.ndim - 2) + (slice(None, None, -1),) * 2]
+
+
+def float_tensors(node):
+    """Whether the node's tensor inputs and outputs are float32 or float64 arrays of the CPU."""
+    return all(isinstance(v.type, T.TensorType) and v.dtype in NPY_FLOAT
+               for v in node.inputs[:1] + node.outputs)
+
+
+def filter_gradient(image, top, shape, props):
+    """The filters' gradient of a correlation with those settings, from the images, the
+    output's gradient and the filters' (h, w) (or None: valid, unstrided): PooledFilterGrad where that gradient comes through disjoint max-pooling
+    (our ops) of the same images' correlation, else our CorrMM_gradWeights."""
+    pooling = top.owner
+    if (pooling and isinstance(pooling.op, MaxPoolGrad) and PooledFilterGrad.serves(pooling.op.ws, pooling.op.stride)
+            and CorrMM(**props)._plain()):
+        c, z, gz = pooling.inputs
+        if c.owner and isinstance(c.owner.op, CorrMM) and c.owner.op._plain() and c.owner.inputs[0] is image:
+            return PooledFilterGrad(pooling.op.ws, pooling.op.stride)(image, c, z, gz)
+    return CorrMM_gradWeights(**props)(image, top, shape)
+
+
+@register_as_built
+@local_optimizer([AbstractConv2d, corr.CorrMM])
+def use_corr_mm(node):
+    """conv2d to our CorrMM, as Theano's local_abstractconv_gemm makes it Theano's; and
+    Theano's CorrMM to ours."""
+    if not (rewrites.cpu_graph() and float_tensors(node)):
+        return False
+    image, filters = node.inputs
+    if isinstance(node.op, AbstractConv2d):
+        return [CorrMM(**corr_props(node.op))(image, flipped(filters) if node.op.filter_flip else filters)]
+    if type(node.op) is corr.CorrMM:
+        return [CorrMM(**node.op._props_dict())(image, filters)]
+    return False
+
+
+@register_as_built
+@local_optimizer([AbstractConv2d_gradWeights, corr.CorrMM_gradWeights])
+def use_corr_mm_grad_weights(node):
+    """conv2d's filter gradient to ours (filter_gradient), as Theano's
+    local_abstractconv_gradweight_gemm makes it Theano's CorrMM_gradWeights; and that to ours."""
+    if not (rewrites.cpu_graph() and float_tensors(node)):
+        return False
+    image, top = node.inputs[:2]
+    if isinstance(node.op, AbstractConv2d_gradWeights):
+        shape = node.inputs[2]
+        grad = filter_gradient(image, top, shape, corr_props(node.op))
+        grad = flipped(grad) if node.op.filter_flip else grad
+        return [T.patternbroadcast(grad, node.outputs[0].broadcastable)]
+    if type(node.op) is corr.CorrMM_gradWeights:
+        shape = tuple(node.inputs[2:]) or None          # its (h, w) as two inputs, or none
+        return [filter_gradient(image, top, shape, node.op._props_dict())]
+    return False
+
+
+def pooling_windows(node, first_constant):
+    """(window, stride) of a Theano Pool or MaxPoolGrad node that ours compute (2-d max-pooling
+    of 4-d float arrays, borders left out, constant windows and strides, no padding), else None."""
+    op = node.op
+    if not (op.mode == 'max' and op.ignore_border and op.ndim == 2 and node.inputs[0].ndim == 4
+            and float_tensors(node)):
+        return None
+    ws, stride, pad = node.inputs[first_constant:first_constant + 3]
+    if not all(isinstance(v, T.TensorConstant) for v in (ws, stride, pad)) or pad.data.any():
+        return None
+    return tuple(ws.data), tuple(stride.data)
+
+
+@register_as_built
+@local_optimizer([pool.Pool])
+def use_max_pool(node):
+    """pool_2d(..., ignore_border=True, mode='max') of 4-d maps to our MaxPool."""
+    windows = rewrites.cpu_graph() and isinstance(node.op, pool.Pool) and pooling_windows(node, 1)
+    return [MaxPool(*windows)(node.inputs[0])] if windows else False
+
+
+@register_as_built
+@local_optimizer([pool.MaxPoolGrad])
+def use_max_pool_grad(node):
+    """Its gradient, Theano's MaxPoolGrad, to ours."""
+    windows = rewrites.cpu_graph() and isinstance(node.op, pool.MaxPoolGrad) and pooling_windows(node, 3)
+    return [MaxPoolGrad(*windows)(*node.inputs[:3])] if windows else False
+
+
+def elemwise(var, scalar_op):
+    """var's node if it is an elementwise op of that scalar op class, else None."""
+    node = var.owner
+    if node and isinstance(node.op, T.Elemwise) and isinstance(node.op.scalar_op, scalar_op):
+        return node
+    return None
+
+
+def is_zero(var):
+    try:
+        return T.get_scalar_constant_value(var, only_process_constants=False) == 0
+    except T.NotScalarConstantError:
+        return False
+
+
+def biased(a):
+    """(x, b) if a is x + b with b (C,) broadcast along axis 1 of x (N, C) or (N, C, H, W), one
+    float dtype and x's type, else None."""
+    add = elemwise(a, theano.scalar.Add)
+    if not add or len(add.inputs) != 2:
+        return None
+    for x, shuffled in (add.inputs, add.inputs[::-1]):
+        order = ('x', 0) + ('x',) * (x.ndim - 2)
+        if (shuffled.owner and isinstance(shuffled.owner.op, T.DimShuffle) and shuffled.owner.op.new_order == order
+                and x.ndim in (2, 4) and x.type == a.type and x.dtype in NPY_FLOAT
+                and shuffled.owner.inputs[0].dtype == x.dtype):
+            return x, shuffled.owner.inputs[0]
+    return None
+
+
+def relu_input(var):
+    """a if var is maximum(a, 0), else None."""
+    node = elemwise(var, theano.scalar.Maximum)
+    if node and is_zero(node.inputs[1]) and node.inputs[0].type == var.type:
+        return node.inputs[0]
+    return None
+
+
+@register_as_built
+@local_optimizer([T.maximum])
+def use_bias_relu(node):
+    """maximum(x + b, 0), b broadcast along axis 1: BiasReLU(x, b)."""
+    a = rewrites.cpu_graph() and relu_input(node.outputs[0])
+    parts = a is not None and a is not False and biased(a)
+    return [BiasReLU()(*parts)] if parts else False
+
+
+@register_as_built
+@local_optimizer([T.mul])
+def use_bias_relu_grad(node):
+    """Theano's gradient of maximum(a, 0) with a = x + b, gz * (maximum(a, 0) == a), to
+    BiasReLU's, gz * (BiasReLU(x, b) > 0): with the forward pass replaced, a is not computed.
+    The one value that changes: the gradient at a == 0 exactly, 0 here (as PyTorch's ReLU)."""
+    mul = elemwise(node.outputs[0], theano.scalar.Mul)
+    if not (rewrites.cpu_graph() and mul and len(mul.inputs) == 2):
+        return False
+    for mask, gz in (mul.inputs, mul.inputs[::-1]):
+        eq = elemwise(mask, theano.scalar.EQ)
+        if not eq:
+            continue
+        out, a = eq.inputs
+        parts = biased(a)
+        if not parts or not out.owner:
+            continue
+        if isinstance(out.owner.op, BiasReLU) and out.owner.inputs == list(parts):
+            return [gz * T.gt(out, 0)]
+        if relu_input(out) is a:
+            return [gz * T.gt(BiasReLU()(*parts), 0)]
+    return False

@@ -371,8 +371,8 @@ _theano_set_up = False
 
 def set_up(theano=True):
     """The machine set-up: the settings (choose_settings), then the checks that stop with one
-    line, Theano imported and its compiling made fast (reuse_compiled_modules,
-    compile_in_parallel).  Made before anything loads numpy or Theano; what is done is not done
+    line, Theano imported, its compiling made fast (reuse_compiled_modules,
+    compile_in_parallel) and our CPU kernels' rewrites registered (engine/rewrites.py).  Made before anything loads numpy or Theano; what is done is not done
     again.  theano=False: the settings only, for a process that runs numpy without Theano (the
     data's script, the PyTorch twin).  Returns NOTES."""
     global NOTES, OPENBLAS_ALONE, _theano_set_up
@@ -384,6 +384,7 @@ def set_up(theano=True):
         import_theano()
         reuse_compiled_modules()
         compile_in_parallel()
+        from . import cpublas, cpuops  # noqa: F401  (their rewrites join Theano's optimizer)
         _theano_set_up = True
     return NOTES
 

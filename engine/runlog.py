@@ -162,6 +162,14 @@ RULES = {  # setting: (what it takes, check)
 }
 
 
+def conv_impl(conv):
+    """The convolution a run writes (convnet.ConvLayer's impl): the `conv` setting, with 'auto'
+    im2col on the GPU (one product a minibatch, not GpuCorrMM's two per image), conv2d on the CPU."""
+    if conv == 'auto':
+        return 'im2col' if machine.gpu_asked() else 'conv2d'
+    return conv
+
+
 def refuse(name, value, what):
     """Stop the run before any work with one line naming the setting, its value and what it takes."""
     sys.exit('error: --%s=%r: needs %s' % (name, value, what))

@@ -38,6 +38,15 @@ def theano_flags(*flags):
 
 machine.set_up()
 
+
+def stock_theano(linker=None):
+    """Theano's default mode without our rewrites (engine/rewrites.py), as
+    optimizer_excluding=cpu_kernels gives it: stock Theano, the oracle of our ops."""
+    import theano
+    from engine import rewrites
+    mode = theano.compile.get_default_mode().excluding(rewrites.TAG)
+    return mode if linker is None else mode.clone(linker=linker)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 SHARED = os.path.join(ROOT, '..', 'shared')

@@ -13,7 +13,7 @@ import pytest
 
 import convnet
 import nnet
-from engine import gpustack
+from engine import gpustack, runlog
 import theano
 import theano.tensor as T
 from conftest import ROOT, driver_settings, make_cifar, make_mnist, only_record, theano_flags
@@ -52,10 +52,11 @@ def test_conv_layer_is_an_unpadded_stride_1_correlation_without_bias(impl):
     np.testing.assert_allclose(out, np_correlate(x, layer.W.get_value()), rtol=1e-4, atol=1e-5)
 
 
-def test_conv_impl_auto_is_conv2d_on_the_cpu_and_unknown_names_are_refused():
-    assert convnet.conv_impl('auto') == 'conv2d' and convnet.conv_impl('im2col') == 'im2col'
-    with pytest.raises(ValueError, match='conv2d, im2col or auto'):
-        convnet.ConvLayer(np.random.RandomState(0), (3, 9, 8), 4, (3, 2), impl='fft')
+def test_conv_auto_is_conv2d_on_the_cpu_and_layers_refuse_unknown_names():
+    assert runlog.conv_impl('auto') == 'conv2d' and runlog.conv_impl('im2col') == 'im2col'
+    for impl in ('fft', 'auto'):
+        with pytest.raises(ValueError, match='use one of conv2d, im2col'):
+            convnet.ConvLayer(np.random.RandomState(0), (3, 9, 8), 4, (3, 2), impl=impl)
 
 
 def test_im2col_convolution_gradient_matches_finite_differences():

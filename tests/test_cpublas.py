@@ -5,7 +5,7 @@ import pytest
 
 import convnet
 import nnet
-from engine import cpublas, machine
+from engine import cpublas, rewrites
 import theano
 import theano.tensor as T
 from theano.tensor import blas
@@ -64,8 +64,15 @@ def test_dot_equals_numpys(M, K, N, orders):
 ETA, MU, LAM = 0.01, 0.9, 0.0001
 
 
+def momentum(p, v, g, mu, eta, lam=None):
+    """(v', p') of SGD with momentum, written as nnet.Trainer writes it; scalars as graph constants."""
+    mu, eta = T.constant(mu), T.constant(eta)
+    v_new = mu * v - eta * T.constant(lam) * p - eta * g if lam is not None else mu * v - eta * g
+    return v_new, p + v_new
+
+
 def momentum_step(p0, v0, g, decay):
-    """numpy's float64 step of cpublas.momentum: (v', p', the magnitude of v's terms).  g is
+    """numpy's float64 step of the momentum update: (v', p', the magnitude of v's terms).  g is
     the gradient, or (x, y) for the product x y, whose float32 rounding scales with |x| |y|."""
     if isinstance(g, tuple):
         x, y = (a.astype('float64') for a in g)
@@ -106,8 +113,7 @@ def test_momentum_with_a_product_is_one_op_in_place(M, K, N, orders, decay):
     v, p = (theano.shared(a.copy(order='A'), borrow=True) for a in (v0, p0))
     v_buffer, p_buffer = v.get_value(borrow=True), p.get_value(borrow=True)
     x_, y_ = T.matrices('x', 'y')
-    f = theano.function([x_, y_], [], updates=list(zip((v, p), cpublas.momentum(
-        p, v, T.dot(x_, y_), np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
+    f = theano.function([x_, y_], [], updates=list(zip((v, p), momentum(p, v, T.dot(x_, y_), np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
     assert momentum_ops(f) == [('MomentumGemm', {0: [0], 1: [5]})]
     f(x, y)
     assert v.get_value(borrow=True) is v_buffer and p.get_value(borrow=True) is p_buffer
@@ -133,8 +139,7 @@ def test_momentum_of_other_gradients_is_one_op_in_place(shape, order, decay):
     g0, v0, p0 = (stored(rng.randn(*shape).astype('float32'), order) for _ in range(3))
     v, p = (theano.shared(a.copy(order='A'), borrow=True) for a in (v0, p0))
     g = T.tensor(dtype='float32', broadcastable=(False,) * len(shape))
-    f = theano.function([g], [], updates=list(zip((v, p), cpublas.momentum(
-        p, v, 2 * g, np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
+    f = theano.function([g], [], updates=list(zip((v, p), momentum(p, v, 2 * g, np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
     assert momentum_ops(f) == [('MomentumUpdate', {0: [0], 1: [1]})]
     f(g0)
     assert_momentum_step(v.get_value(), p.get_value(), *momentum_step(p0, v0, 2 * g0, decay), p0)
@@ -146,7 +151,7 @@ def test_momentum_stays_out_of_place_where_its_inputs_are_not_its_own():
     rng = np.random.RandomState(5)
     v0, p0, x0, y0 = (rng.randn(*s).astype('float32') for s in ((40, 64), (40, 64), (40, 8), (8, 64)))
     v, p, x, y = T.matrices('v', 'p', 'x', 'y')
-    f = theano.function([v, p, x, y], cpublas.momentum(p, v, T.dot(x, y), np.float32(MU), np.float32(ETA),
+    f = theano.function([v, p, x, y], momentum(p, v, T.dot(x, y), np.float32(MU), np.float32(ETA),
                                                        np.float32(LAM)))
     assert momentum_ops(f) == [('MomentumUpdate', {})]
     kept = [a.copy() for a in (v0, p0)]
@@ -163,9 +168,9 @@ def test_momentum_in_python_as_in_c():
     v0, p0, b0, u0 = (rng.randn(*s).astype('float32') for s in ((50, 40), (50, 40), (40,), (40,)))
     shared = [theano.shared(a.copy()) for a in (v0, p0, u0, b0)]
     x, y = T.matrices('x', 'y')
-    updates = list(zip(shared[:2], cpublas.momentum(shared[1], shared[0], T.dot(x, y), np.float32(MU),
+    updates = list(zip(shared[:2], momentum(shared[1], shared[0], T.dot(x, y), np.float32(MU),
                                                     np.float32(ETA), np.float32(LAM))))
-    updates += zip(shared[2:], cpublas.momentum(shared[3], shared[2], x[0, 0] * y[0, :], np.float32(MU),
+    updates += zip(shared[2:], momentum(shared[3], shared[2], x[0, 0] * y[0, :], np.float32(MU),
                                                  np.float32(ETA)))
     f = theano.function([x, y], [], updates=updates, mode=theano.Mode(linker='py'))
     assert [name for name, _ in momentum_ops(f)] == ['MomentumGemm', 'MomentumUpdate']
@@ -177,13 +182,12 @@ def test_momentum_in_python_as_in_c():
 @pytest.mark.parametrize('decay', [True, False])
 def test_momentum_on_the_gpu_is_theanos_elementwise_ops(monkeypatch, decay):
     """With device=cuda no CPU op in the step: the same rule from Theano's ops (GpuGemm there)."""
-    monkeypatch.setattr(machine, 'gpu_asked', lambda: True)
+    monkeypatch.setattr(rewrites, 'cpu_graph', lambda: False)
     rng = np.random.RandomState(7)
     v0, p0, g0 = (rng.randn(30, 40).astype('float32') for _ in range(3))
     v, p = theano.shared(v0.copy()), theano.shared(p0.copy())
     g = T.matrix('g')
-    f = theano.function([g], [], updates=list(zip((v, p), cpublas.momentum(
-        p, v, g, np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
+    f = theano.function([g], [], updates=list(zip((v, p), momentum(p, v, g, np.float32(MU), np.float32(ETA), np.float32(LAM) if decay else None))))
     assert momentum_ops(f) == []
     f(g0)
     assert_momentum_step(v.get_value(), p.get_value(), *momentum_step(p0, v0, g0, decay), p0)

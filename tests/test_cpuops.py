@@ -5,7 +5,8 @@ import pytest
 
 import convnet
 import nnet
-from engine import cpuops, machine
+from conftest import stock_theano
+from engine import cpuops, rewrites
 import theano
 import theano.tensor as T
 from theano.gof.cmodule import GCC_compiler
@@ -41,11 +42,11 @@ def assert_same_bits(ours, theirs):
     assert ours.dtype == theirs.dtype and ours.tobytes() == theirs.tobytes(), 'signs of zeros differ'
 
 
-def pooled_and_gradient(pool, x, weights):
+def pooled_and_gradient(pool, x, weights, mode=None):
     x_ = T.tensor4()
     z = pool(x_)
     gx = T.grad((z * weights).sum(), x_)                # any upstream gradient
-    return theano.function([x_], [z, gx])(x)
+    return theano.function([x_], [z, gx], mode=mode)(x)
 
 
 class MaxPoolGradWithoutAVX512(WithoutAVX512, cpuops.MaxPoolGrad):
@@ -75,7 +76,7 @@ def test_max_pool_and_its_gradient_equal_theanos_bit_for_bit(ws, st, shape, valu
     weights = rng.randn(*zshape).astype(nnet.floatX)
     weights.flat[::5] = -0.0        # Theano adds gz to a zeroed gx: a gradient of -0 lands as +0
     ours = pooled_and_gradient(lambda v: op(ws, st, openmp=openmp)(v), x, weights)
-    theirs = pooled_and_gradient(lambda v: pool_2d(v, ws=ws, stride=st, ignore_border=True), x, weights)
+    theirs = pooled_and_gradient(lambda v: pool_2d(v, ws=ws, stride=st, ignore_border=True), x, weights, stock_theano())
     assert ours[0].shape == zshape
     assert_same_bits(ours[0], theirs[0])
     assert_same_bits(ours[1], theirs[1])
@@ -85,13 +86,13 @@ def test_max_pool_and_its_gradient_equal_theanos_bit_for_bit(ws, st, shape, valu
 
 def test_max_pool_takes_non_contiguous_input_and_says_what_is_wrong():
     x_ = T.tensor4()
-    f = theano.function([x_], cpuops.max_pool(x_, (4, 4), (4, 4)))
+    f = theano.function([x_], cpuops.MaxPool((4, 4), (4, 4))(x_))
     x = np.random.RandomState(0).randn(2, 8, 8, 3).astype(nnet.floatX).transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(f(x), x.reshape(2, 3, 2, 4, 2, 4).max(axis=(3, 5)))
     with pytest.raises(ValueError, match='4x4 windows on 3x8 maps'):
         f(np.zeros((1, 1, 3, 8), nnet.floatX))
     with pytest.raises(TypeError, match='4-d tensors'):
-        cpuops.max_pool(T.matrix(), (2, 2), (2, 2))
+        cpuops.MaxPool((2, 2), (2, 2))(T.matrix())
     with pytest.raises(ValueError, match='two positive sizes'):
         cpuops.MaxPool((2, 0), (1, 1))
 
@@ -112,16 +113,17 @@ def test_correlation_and_its_filter_gradient_equal_corrmms_bit_for_bit(border_mo
     shape_out = corr.CorrMM(border_mode, subsample)(x_, W_).eval({x_: x, W_: W}).shape
     weights = rng.randn(*shape_out).astype(nnet.floatX)               # any upstream gradient
     results = []
-    for op, grad_op in ((cpuops.CorrMM, cpuops.CorrMM_gradWeights), (corr.CorrMM, corr.CorrMM_gradWeights)):
+    for op, grad_op, mode in ((cpuops.CorrMM, cpuops.CorrMM_gradWeights, None),
+                              (corr.CorrMM, corr.CorrMM_gradWeights, stock_theano())):
         out = op(border_mode, subsample)(x_, W_)
-        f = theano.function([x_, W_], [out, T.grad((out * weights).sum(), W_)])
+        f = theano.function([x_, W_], [out, T.grad((out * weights).sum(), W_)], mode=mode)
         assert {op, grad_op} <= {type(node.op) for node in f.maker.fgraph.apply_nodes}
         results.append(f(x, W))
     (ours, ours_grad), (theirs, theirs_grad) = results
     assert_same_bits(ours_grad, theirs_grad)
     if border_mode == 'valid' and subsample == (1, 1) and shape[3] - 3 < 32:     # the direct correlation
         x64, W64 = T.dtensor4s('x', 'W')
-        in_float64 = theano.function([x64, W64], corr.CorrMM()(x64, W64))
+        in_float64 = theano.function([x64, W64], corr.CorrMM()(x64, W64), mode=stock_theano())
         exact, magnitude = in_float64(x, W), in_float64(abs(x), abs(W))
         # a float32 sum of n products in any order: within n float32 epsilons of their magnitudes' sum
         bound = np.prod(W.shape[1:]) * np.finfo(np.float32).eps * magnitude
@@ -188,7 +190,7 @@ def test_pooled_filter_gradient_equals_theanos_pair(ws, st, shape, filters, valu
     dense = corr.CorrMM_gradWeights('valid', (1, 1))(x_, cpuops.MaxPoolGrad(ws, st)(c, z, gz_), W_.shape[-2:])
     sparse = op(ws, st, openmp=openmp)(x_, c, z, gz_)
     gz = rng.randn(*z.eval({x_: x, W_: W}).shape).astype(dtype)
-    theirs, ours = theano.function([x_, W_, gz_], [dense, sparse])(x, W, gz)
+    theirs, ours = theano.function([x_, W_, gz_], [dense, sparse], mode=stock_theano())(x, W, gz)
     assert ours.shape == theirs.shape == W.shape
     # other summation order: equal to rounding (the published layer's values reach ~200)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=2e-6 * np.abs(theirs).max())
@@ -213,7 +215,7 @@ def test_pooled_filter_gradient_refuses_what_it_cannot_do():
 
 
 def layer_ops(use_gpu, monkeypatch, st=None):
-    monkeypatch.setattr(machine, 'gpu_asked', lambda: use_gpu)
+    monkeypatch.setattr(rewrites, 'cpu_graph', lambda: not use_gpu)
     x_ = T.tensor4()
     conv = convnet.ConvLayer(np.random.RandomState(0), (2, 9, 9), 3, (2, 2))
     pool = convnet.PoolLayer(conv.output_shape, (2, 2), st)
@@ -255,7 +257,7 @@ def test_relu_with_bias_equals_theanos_bit_for_bit(shape, openmp, linker):
     mode = theano.Mode(linker=linker)
     z, gx, gb = theano.function([x_, b_], [ours] + T.grad((ours * gz).sum(), [x_, b_]), mode=mode)(x, b)
     theirs = T.maximum(x_ + b_.dimshuffle(('x', 0) + ('x',) * (len(shape) - 2)), 0)
-    assert_same_bits(z, theano.function([x_, b_], theirs)(x, b))
+    assert_same_bits(z, theano.function([x_, b_], theirs, mode=stock_theano())(x, b))
     # the gradient where the output is positive (not at exactly 0: PyTorch's ReLU's), b's summed
     np.testing.assert_array_equal(gx, gz * (z > 0))
     np.testing.assert_allclose(gb, (gz * (z > 0)).astype('float64').sum(axis=(0,) + tuple(range(2, len(shape)))),
@@ -266,12 +268,12 @@ def test_relu_with_bias_takes_strided_input_and_says_what_is_wrong():
     rng = np.random.RandomState(2)
     x, b = rng.randn(6, 10).astype('float32'), rng.randn(5).astype('float32')
     x_, b_ = T.matrix(), T.vector()
-    f = theano.function([x_, b_], cpuops.relu_with_bias(x_, b_))
+    f = theano.function([x_, b_], cpuops.BiasReLU()(x_, b_))
     np.testing.assert_array_equal(f(x[:, ::2], b), np.maximum(x[:, ::2] + b, 0))
     with pytest.raises(ValueError, match='10 channels, 5 thresholds'):
         f(x, b)
     with pytest.raises(TypeError, match=r'x \(N, C\) or \(N, C, H, W\)'):
-        cpuops.relu_with_bias(T.tensor3(), b_)
+        cpuops.BiasReLU()(T.tensor3(), b_)
 
 
 def test_layers_use_one_op_for_threshold_and_relu():

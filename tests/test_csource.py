@@ -15,18 +15,18 @@ B = np.zeros(4, 'float32')
 
 def relu_function():
     x, b = T.fmatrix(), T.fvector()
-    return theano.function([x, b], cpuops.relu_with_bias(x, b))
+    return theano.function([x, b], cpuops.BiasReLU()(x, b))
 
 
 def nodes():
     """A node of each of our C ops."""
     x4, x2, v = T.ftensor4(), T.fmatrix(), T.fvector()
-    pooled = cpuops.max_pool(x4, (2, 2), (2, 2))
+    pooled = cpuops.MaxPool((2, 2), (2, 2))(x4)
     scalar = T.fscalar()
     return [pooled.owner, cpuops.MaxPoolGrad((2, 2), (2, 2))(x4, pooled, pooled).owner,
             cpuops.PooledFilterGrad((2, 2), (2, 2))(x4, x4, pooled, pooled).owner,
             cpuops.CorrMM()(x4, x4).owner, cpuops.CorrMM_gradWeights()(x4, x4).owner,
-            cpuops.relu_with_bias(x2, v).owner, cpublas.Dot22()(x2, x2).owner,
+            cpuops.BiasReLU()(x2, v).owner, cpublas.Dot22()(x2, x2).owner,
             cpublas.ChannelSum()(x2).owner,
             cpublas.MomentumUpdate(False)(x2, x2, x2, scalar, scalar)[0].owner]
 

@@ -67,6 +67,7 @@ def gpu_graphs():
 
     import convnet
     import nnet
+    from engine import runlog
 
     class Optimized(Exception):
         pass
@@ -100,7 +101,7 @@ def gpu_graphs():
     for config, (convpool, hidden, conv) in CONFIGS.items():
         rng = np.random.RandomState(0)
         if convpool:
-            net, shape, D = convnet.CNN(rng, (3, 32, 32), convpool, hidden, 10, conv=conv), (3, 32, 32), 3072
+            net, shape, D = convnet.CNN(rng, (3, 32, 32), convpool, hidden, 10, conv=runlog.conv_impl(conv)), (3, 32, 32), 3072
         else:
             net, shape, D = nnet.MLP(rng, 784, hidden, 10), None, 784
         data = {k: (np.zeros((n, D), 'float32'), np.zeros(n, 'int32')) for k, n in (('L', 200), ('V', 100))}

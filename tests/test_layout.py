@@ -140,3 +140,21 @@ def test_import_nnet_in_a_notebook_started_in_the_project_folder_trains():
     out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [True, True]
+
+
+def test_the_layers_are_plain_theano_on_every_device():
+    """nnet.py and convnet.py import none of our ops (the rewrites bring them) and ask for the device
+    once: the workaround for Theano's GPU argmax, in FullLayer.cost_terms."""
+    graph = import_graph()
+    for script in ('nnet', 'convnet'):
+        assert not graph[script] & {'engine.cpuops', 'engine.cpublas', 'engine.rewrites'}, script
+        with open(os.path.join(ROOT, script + '.py')) as f:
+            tree = ast.parse(f.read())
+        asks = [node for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == 'gpu_asked']
+        if script == 'convnet':
+            assert asks == []
+        else:
+            cost_terms = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                              and node.name == 'cost_terms' and any(isinstance(n, ast.Attribute) and n.attr == 'gpu_asked'
+                                                                    for n in ast.walk(node)))
+            assert len(asks) == 1 and asks[0] in list(ast.walk(cost_terms))
