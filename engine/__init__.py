@@ -14,7 +14,8 @@ importing a module here changes nothing in Theano beyond registering ops and the
     rewrites     where the faster CPU ops enter Theano's optimizer, under one tag (cpu_kernels)
     cpuops       faster CPU ops: pooling, the convolution's patch copy, bias + ReLU; their rewrites
     cpublas      faster CPU ops: the dense products, channel sums, the momentum update; their rewrites
-    csource      their compile-cache keys, from the C they compile: never a stale kernel
+    csource      their C, read from engine/c/*.c, and their compile-cache keys, from the C
+                 they compile: never a stale kernel
     download     the data folder, verified downloads, the data's fingerprint, the splits
     runlog       the drivers' plumbing: --name=value overrides, the published log, Ctrl-C,
                  resume, checkpoints, saving a run

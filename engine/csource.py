@@ -1,4 +1,5 @@
-"""Compile-cache keys for our C ops, from the C they compile: a changed kernel is never served stale.
+"""Our C ops' source, read from engine/c/, and their compile-cache keys, from the C they compile:
+a changed kernel is never served stale.
 
 Theano keys a compiled module by its ops' c_code_cache_version, not by the C text: a version
 raised by hand was forgotten, and a warm ~/.theano then ran the old kernel without a word
@@ -11,9 +12,36 @@ the module is built again.
 import collections
 import hashlib
 import inspect
+import os
+import re
 import sys
 
 from theano.gof.utils import MethodNotDefined
+
+
+C_FOLDER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'c')
+
+
+def c_sections(*filenames):
+    """The sections of C files in engine/c/, {name: text}.
+
+    A file is cut into sections, each begun by a line `#section NAME` (as the files of Theano's
+    COp); a section's text runs to the next such line, its last newline left out, and what
+    comes before the first one is the file's own comment.  Lines that begin with `///`
+    document the code and are left out of it.  The text is C with %(name)s where the op puts
+    what it fills in per node, as in Theano's own corr_gemm.c (the names of the inputs and
+    outputs, window sizes, the OpenMP pragma); `%%` stands for `%`.
+    """
+    sections = {}
+    for filename in filenames:
+        with open(os.path.join(C_FOLDER, filename)) as f:
+            text = re.sub(r'^///.*\n', '', f.read(), flags=re.M)
+        parts = re.split(r'^#section (\w+)\n', text, flags=re.M)
+        for name, code in zip(parts[1::2], parts[2::2]):
+            if name in sections:
+                raise ValueError('%s: a second section %s' % (filename, name))
+            sections[name] = code[:-1] if code.endswith('\n') else code
+    return sections
 
 
 def generated_c(op, node):
