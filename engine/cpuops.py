@@ -41,7 +41,7 @@ import numpy as np
 import theano
 import theano.tensor as T
 from theano.gof import OpenMPOp
-from theano.gof.opt import TopoOptimizer, local_optimizer
+from theano.gof.opt import TopoOptimizer, copy_stack_trace, local_optimizer
 from theano.tensor.nnet import corr
 from theano.tensor.nnet.abstract_conv import AbstractConv2d, AbstractConv2d_gradWeights
 from theano.tensor.signal import pool
@@ -100,7 +100,8 @@ def c_vector_pair_masks(count, first, second):
 
 
 class MaxPool(_Pooling):
-    """x (N, C, H, W) -> z (N, C, (H - wh) // sh + 1, (W - ww) // sw + 1): each window's maximum."""
+    """x (N, C, H, W) -> z (N, C, (H - wh) // sh + 1, (W - ww) // sw + 1): each window's maximum
+    (no rows or columns where the windows are larger than the maps)."""
 
     def make_node(self, x):
         x = T.as_tensor_variable(x)
@@ -110,7 +111,9 @@ class MaxPool(_Pooling):
 
     def infer_shape(self, node, shapes):
         n, c, h, w = shapes[0]
-        return [(n, c, (h - self.ws[0]) // self.stride[0] + 1, (w - self.ws[1]) // self.stride[1] + 1)]
+        # no window where they are larger than the map, as Theano's Pool.out_shape
+        return [(n, c) + tuple(T.maximum((size - window) // stride + 1, 0)
+                               for size, window, stride in zip((h, w), self.ws, self.stride))]
 
     def L_op(self, inputs, outputs, output_grads):      # the pooled output as computed, not a second node
         return [MaxPoolGrad(self.ws, self.stride)(inputs[0], outputs[0], output_grads[0])]
@@ -381,6 +384,7 @@ def use_corr_mm_grad_weights(node):
     if isinstance(node.op, AbstractConv2d_gradWeights):
         shape = node.inputs[2]
         grad = filter_gradient(image, top, shape, corr_props(node.op))
+        copy_stack_trace(node.outputs[0], grad)                 # (the flip's gets it too)
         grad = flipped(grad) if node.op.filter_flip else grad
         return [T.patternbroadcast(grad, node.outputs[0].broadcastable)]
     if type(node.op) is corr.CorrMM_gradWeights:

@@ -24,6 +24,7 @@ import sys
 
 import theano
 from theano.compile import optdb
+from theano.gof.opt import copy_stack_trace
 from theano.gof.optdb import LocalGroupDB, TopoDB
 
 TAG = 'cpu_kernels'
@@ -45,7 +46,18 @@ def register(name, optimizer, position, *tags):
 
 
 def register_as_built(local_optimizer):
-    """A local optimizer of the AS_BUILT pass (a rewrite of the layers' own expressions)."""
+    """A local optimizer of the AS_BUILT pass (a rewrite of the layers' own expressions).  What
+    it puts in keeps the stack trace of what it replaces (where the user's code built it), as
+    Theano's own rewrites keep it."""
+    transform = local_optimizer.transform
+
+    def keeping_stack_traces(node):
+        new = transform(node)
+        if new:
+            for old, var in (new.items() if isinstance(new, dict) else zip(node.outputs, new)):
+                copy_stack_trace(old, var)
+        return new
+    local_optimizer.transform = keeping_stack_traces
     AS_BUILT.register(local_optimizer.__name__, local_optimizer, 'fast_run', TAG)
     return local_optimizer
 

@@ -84,13 +84,40 @@ def test_max_pool_and_its_gradient_equal_theanos_bit_for_bit(ws, st, shape, valu
         assert (ours[1] != 0).sum() > np.prod(zshape)
 
 
+@pytest.mark.parametrize('ws, st, shape', [((7, 7), (1, 2), (2, 3, 8, 5)), ((9, 9), (1, 1), (1, 2, 8, 5)),
+                                           ((4, 4), (4, 4), (1, 1, 3, 8)), ((2, 2), (2, 2), (1, 1, 1, 1))])
+def test_windows_larger_than_the_maps_give_theanos_empty_output(ws, st, shape):
+    """No window fits a side: no output along it, a zero gradient, the shape inferred so (Theano's
+    Pool with ignore_border=True; its test_pool.py has such cases)."""
+    x = np.random.RandomState(0).randn(*shape).astype(nnet.floatX)
+    zshape = shape[:2] + tuple(max((n - w) // s + 1, 0) for n, w, s in zip(shape[2:], ws, st))
+    weights = np.ones(zshape, nnet.floatX)
+    ours = pooled_and_gradient(lambda v: cpuops.MaxPool(ws, st)(v), x, weights)
+    theirs = pooled_and_gradient(lambda v: pool_2d(v, ws=ws, stride=st, ignore_border=True), x, weights, stock_theano())
+    assert ours[0].shape == theirs[0].shape == zshape
+    assert_same_bits(ours[1], theirs[1])
+    x_ = T.tensor4()
+    assert tuple(theano.function([x_], cpuops.MaxPool(ws, st)(x_).shape)(x)) == zshape
+
+
+@pytest.mark.parametrize('ws', [(1, 1), (2, 2), (3, 3), (2, 3), (3, 2)])
+def test_pooling_shapes_are_inferred_without_pooling(ws):
+    """What Theano's test_pool.py test_infer_shape checks of Pool and MaxPoolGrad (borders left
+    out, no padding), of ours: the shapes computed without running the op, and right."""
+    x_ = T.tensor4()
+    z = cpuops.MaxPool(ws, ws)(x_)
+    outputs = [z, cpuops.MaxPoolGrad(ws, ws)(x_, z, z)]
+    x = np.random.RandomState(0).rand(4, 6, 7, 9).astype(nnet.floatX)
+    shapes = theano.function([x_], [o.shape for o in outputs])
+    assert not {cpuops.MaxPool, cpuops.MaxPoolGrad} & {type(n.op) for n in shapes.maker.fgraph.apply_nodes}
+    assert [tuple(s) for s in shapes(x)] == [o.shape for o in theano.function([x_], outputs)(x)]
+
+
 def test_max_pool_takes_non_contiguous_input_and_says_what_is_wrong():
     x_ = T.tensor4()
     f = theano.function([x_], cpuops.MaxPool((4, 4), (4, 4))(x_))
     x = np.random.RandomState(0).randn(2, 8, 8, 3).astype(nnet.floatX).transpose(0, 3, 1, 2)
     np.testing.assert_array_equal(f(x), x.reshape(2, 3, 2, 4, 2, 4).max(axis=(3, 5)))
-    with pytest.raises(ValueError, match='4x4 windows on 3x8 maps'):
-        f(np.zeros((1, 1, 3, 8), nnet.floatX))
     with pytest.raises(TypeError, match='4-d tensors'):
         cpuops.MaxPool((2, 2), (2, 2))(T.matrix())
     with pytest.raises(ValueError, match='two positive sizes'):

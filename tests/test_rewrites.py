@@ -14,6 +14,7 @@ import theano
 import theano.tensor as T
 from conftest import ROOT, make_cifar, stock_theano
 from engine import cpublas, cpuops, rewrites
+from theano.gof.opt import check_stack_trace
 from theano.tensor.nnet import corr
 from theano.tensor.signal import pool
 
@@ -67,6 +68,13 @@ def test_conv_pool_relu_written_plainly_run_on_our_ops(flip):
     assert {cpuops.CorrMM, cpuops.PooledFilterGrad, cpuops.MaxPool, cpuops.MaxPoolGrad, cpuops.BiasReLU} <= ours[2]
     assert not set(OURS) & theirs[2] and {corr.CorrMM, pool.Pool} <= theirs[2]
     assert_close(ours[0], theirs[0])
+
+
+def test_our_ops_keep_the_stack_trace_of_what_they_replace():
+    """Where the user's code built the expression: Theano's error messages point there."""
+    inputs, outputs = conv_pool_relu(True)
+    f = theano.function(inputs, outputs)
+    assert check_stack_trace(f, ops_to_check=(cpuops.CorrMM, cpuops.PooledFilterGrad, cpuops.MaxPool, cpuops.BiasReLU))
 
 
 def test_theanos_own_correlation_ops_become_ours():

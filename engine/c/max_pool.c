@@ -44,12 +44,8 @@
         if (!xc) { %(fail)s }
         const npy_intp* d = PyArray_DIMS(xc);
         const npy_intp H = d[2], W = d[3];
-        if (H < %(wh)d || W < %(ww)d) {
-            PyErr_Format(PyExc_ValueError, "max_pool: %(wh)dx%(ww)d windows on %%ldx%%ld maps", (long)H, (long)W);
-            Py_DECREF(xc);
-            %(fail)s
-        }
-        const npy_intp oh = (H - %(wh)d) / %(sh)d + 1, ow = (W - %(ww)d) / %(sw)d + 1;
+        // windows larger than the maps: none, an empty output (as Theano's Pool)
+        const npy_intp oh = H < %(wh)d ? 0 : (H - %(wh)d) / %(sh)d + 1, ow = W < %(ww)d ? 0 : (W - %(ww)d) / %(sw)d + 1;
         npy_intp zdims[4] = {d[0], d[1], oh, ow};
         %(alloc)s
         const npy_intp planes = d[0] * d[1];

@@ -132,7 +132,7 @@
         const npy_intp H = PyArray_DIMS(xc)[2], W = PyArray_DIMS(xc)[3];
         const npy_intp oh = PyArray_DIMS(zc)[2], ow = PyArray_DIMS(zc)[3];
         if (!PyArray_SAMESHAPE(zc, gzc) || !PyArray_CompareLists(PyArray_DIMS(zc), PyArray_DIMS(xc), 2)
-            || oh != (H - %(wh)d) / %(sh)d + 1 || ow != (W - %(ww)d) / %(sw)d + 1) {
+            || oh != (H < %(wh)d ? 0 : (H - %(wh)d) / %(sh)d + 1) || ow != (W < %(ww)d ? 0 : (W - %(ww)d) / %(sw)d + 1)) {
             PyErr_SetString(PyExc_ValueError, "max_pool gradient: the shapes of x, z and gz disagree");
             %(release)s
             %(fail)s

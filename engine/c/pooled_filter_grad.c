@@ -64,7 +64,7 @@
         const npy_intp oh = PyArray_DIMS(zc)[2], ow = PyArray_DIMS(zc)[3];
         if (dc[0] != N || Hc > H || Wc > W || !PyArray_SAMESHAPE(zc, gzc)
             || !PyArray_CompareLists(PyArray_DIMS(zc), dc, 2)
-            || oh != (Hc - %(wh)d) / %(sh)d + 1 || ow != (Wc - %(ww)d) / %(sw)d + 1) {
+            || oh != (Hc < %(wh)d ? 0 : (Hc - %(wh)d) / %(sh)d + 1) || ow != (Wc < %(ww)d ? 0 : (Wc - %(ww)d) / %(sw)d + 1)) {
             PyErr_SetString(PyExc_ValueError, "pooled filter gradient: the shapes of x, c, z and gz disagree");
             %(release)s
             %(fail)s
