@@ -10,7 +10,7 @@ engine/cpublas.py's ops.  All of them carry the tag TAG, so
 runs stock Theano (docs/cpu.md).  Two places in Theano's optimizer (theano/compile/mode.py
 lists its phases):
 
-  AS_BUILT (position 0.05, before canonicalize): the expressions as the layers wrote them and
+  AS_BUILT (position 0.05, before Theano's shape feature and canonicalize): the expressions as the layers wrote them and
     as Theano's gradient made them, to our ops: conv2d and its filter gradient, pool_2d and its
     gradient, maximum(x + b, 0) and its gradient, the momentum update.  Here, before Theano's
     canonicalization rearranges them, the patterns are the formulas themselves.
