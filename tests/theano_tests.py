@@ -37,7 +37,9 @@ FILES = {
 }
 QUICK = {
     'tensor/nnet/tests/test_corr.py': None,
-    'tensor/signal/tests/test_pool.py': {'k': 'test_DownsampleFactorMax and not Padding and not 3D'},
+    # a few window shapes (each compiles its own module): windows larger than the maps, the gradient
+    'tensor/signal/tests/test_pool.py': {'k': 'StrideExtra or max_pool_2d_2D or (DownsampleFactorMax_grad and not '
+                                              'stride and not Padding)'},
 }
 
 # test id (parameters left out) -> why it fails with our ops and not without
