@@ -36,10 +36,9 @@ from theano.gof import OpenMPOp
 from theano.gof.opt import TopoOptimizer, in2out, local_optimizer
 from theano.tensor import blas
 
-from . import rewrites
 from .cpuops import c_alias
 from .csource import KeyedBySource, c_sections
-from .rewrites import register, register_as_built
+from .rewrites import elemwise, register, register_as_built
 
 C = c_sections('dense_gemm.c', 'momentum.c', 'channel_sum.c')
 
@@ -263,9 +262,8 @@ def momentum_in_place(node):
 
 def scaled(var):
     """(s, x) if var is s * x, a 0-d s broadcast to x, else None."""
-    mul = var.owner
-    if not (mul and isinstance(mul.op, T.Elemwise) and isinstance(mul.op.scalar_op, theano.scalar.Mul)
-            and len(mul.inputs) == 2):
+    mul = elemwise(var, theano.scalar.Mul)
+    if not (mul and len(mul.inputs) == 2):
         return None
     for shuffled, x in (mul.inputs, mul.inputs[::-1]):
         if (shuffled.owner and isinstance(shuffled.owner.op, T.DimShuffle) and shuffled.owner.inputs[0].ndim == 0
@@ -276,10 +274,8 @@ def scaled(var):
 
 def difference(var):
     """(a, b) if var is a - b, else None."""
-    sub = var.owner
-    if sub and isinstance(sub.op, T.Elemwise) and isinstance(sub.op.scalar_op, theano.scalar.Sub):
-        return tuple(sub.inputs)
-    return None
+    sub = elemwise(var, theano.scalar.Sub)
+    return tuple(sub.inputs) if sub else None
 
 
 def momentum_step(v_new, p):
@@ -296,9 +292,8 @@ def momentum_step(v_new, p):
         k, decayed = scaled(decay) or (None, None)
         if k is None or decayed is not p:
             return None
-        product = k.owner
-        if (product and isinstance(product.op, T.Elemwise) and isinstance(product.op.scalar_op, theano.scalar.Mul)
-                and len(product.inputs) == 2 and product.inputs[0] is eta):
+        product = elemwise(k, theano.scalar.Mul)
+        if product and len(product.inputs) == 2 and product.inputs[0] is eta:
             d = c * product.inputs[1]
         else:
             d = -k
@@ -315,8 +310,7 @@ def use_momentum_update(node):
     """The momentum update as nnet.Trainer writes it, v' = mu v - eta lam p - eta g and p' = p + v'
     (or without the decay term), to MomentumUpdate(v, p, g, mu, -eta, -eta lam): both in one op.
     Its sums run in another order (mu v + (-eta) g + (-eta lam) p): the same up to float rounding."""
-    if not (rewrites.cpu_graph() and isinstance(node.op, T.Elemwise) and isinstance(node.op.scalar_op, theano.scalar.Add)
-            and len(node.inputs) == 2):
+    if not (elemwise(node.outputs[0], theano.scalar.Add) and len(node.inputs) == 2):
         return False
     for p, v_new in (node.inputs, node.inputs[::-1]):
         step = momentum_step(v_new, p)

@@ -46,9 +46,9 @@ from theano.tensor.nnet import corr
 from theano.tensor.nnet.abstract_conv import AbstractConv2d, AbstractConv2d_gradWeights
 from theano.tensor.signal import pool
 
-from . import openblas, rewrites
+from . import openblas
 from .csource import KeyedBySource, c_sections
-from .rewrites import register, register_as_built
+from .rewrites import elemwise, register, register_as_built
 
 C = c_sections('outputs.c', 'max_pool.c', 'max_pool_grad.c', 'pooled_filter_grad.c', 'correlation.c', 'bias_relu.c')
 
@@ -340,15 +340,16 @@ def flipped(filters):
 
 
 def float_tensors(node):
-    """Whether the node's tensor inputs and outputs are float32 or float64 arrays of the CPU."""
+    """Whether the node's first input and its outputs are float32 or float64 arrays of the CPU."""
     return all(isinstance(v.type, T.TensorType) and v.dtype in NPY_FLOAT
                for v in node.inputs[:1] + node.outputs)
 
 
 def filter_gradient(image, top, shape, props):
     """The filters' gradient of a correlation with those settings, from the images, the
-    output's gradient and the filters' (h, w) (or None: valid, unstrided): PooledFilterGrad where that gradient comes through disjoint max-pooling
-    (our ops) of the same images' correlation, else our CorrMM_gradWeights."""
+    output's gradient and the filters' (h, w) (or None: valid, unstrided): PooledFilterGrad
+    where that gradient comes through disjoint max-pooling (our ops) of the same images'
+    correlation, else our CorrMM_gradWeights."""
     pooling = top.owner
     if (pooling and isinstance(pooling.op, MaxPoolGrad) and PooledFilterGrad.serves(pooling.op.ws, pooling.op.stride)
             and CorrMM(**props)._plain()):
@@ -363,7 +364,7 @@ def filter_gradient(image, top, shape, props):
 def use_corr_mm(node):
     """conv2d to our CorrMM, as Theano's local_abstractconv_gemm makes it Theano's; and
     Theano's CorrMM to ours."""
-    if not (rewrites.cpu_graph() and float_tensors(node)):
+    if not float_tensors(node):
         return False
     image, filters = node.inputs
     if isinstance(node.op, AbstractConv2d):
@@ -378,7 +379,7 @@ def use_corr_mm(node):
 def use_corr_mm_grad_weights(node):
     """conv2d's filter gradient to ours (filter_gradient), as Theano's
     local_abstractconv_gradweight_gemm makes it Theano's CorrMM_gradWeights; and that to ours."""
-    if not (rewrites.cpu_graph() and float_tensors(node)):
+    if not float_tensors(node):
         return False
     image, top = node.inputs[:2]
     if isinstance(node.op, AbstractConv2d_gradWeights):
@@ -410,7 +411,7 @@ def pooling_windows(node, first_constant):
 @local_optimizer([pool.Pool])
 def use_max_pool(node):
     """pool_2d(..., ignore_border=True, mode='max') of 4-d maps to our MaxPool."""
-    windows = rewrites.cpu_graph() and isinstance(node.op, pool.Pool) and pooling_windows(node, 1)
+    windows = isinstance(node.op, pool.Pool) and pooling_windows(node, 1)
     return [MaxPool(*windows)(node.inputs[0])] if windows else False
 
 
@@ -418,16 +419,8 @@ def use_max_pool(node):
 @local_optimizer([pool.MaxPoolGrad])
 def use_max_pool_grad(node):
     """Its gradient, Theano's MaxPoolGrad, to ours."""
-    windows = rewrites.cpu_graph() and isinstance(node.op, pool.MaxPoolGrad) and pooling_windows(node, 3)
+    windows = isinstance(node.op, pool.MaxPoolGrad) and pooling_windows(node, 3)
     return [MaxPoolGrad(*windows)(*node.inputs[:3])] if windows else False
-
-
-def elemwise(var, scalar_op):
-    """var's node if it is an elementwise op of that scalar op class, else None."""
-    node = var.owner
-    if node and isinstance(node.op, T.Elemwise) and isinstance(node.op.scalar_op, scalar_op):
-        return node
-    return None
 
 
 def is_zero(var):
@@ -464,8 +457,8 @@ def relu_input(var):
 @local_optimizer([T.maximum])
 def use_bias_relu(node):
     """maximum(x + b, 0), b broadcast along axis 1: BiasReLU(x, b)."""
-    a = rewrites.cpu_graph() and relu_input(node.outputs[0])
-    parts = a is not None and a is not False and biased(a)
+    a = relu_input(node.outputs[0])
+    parts = a is not None and biased(a)
     return [BiasReLU()(*parts)] if parts else False
 
 
@@ -476,7 +469,7 @@ def use_bias_relu_grad(node):
     BiasReLU's, gz * (BiasReLU(x, b) > 0): with the forward pass replaced, a is not computed.
     The one value that changes: the gradient at a == 0 exactly, 0 here (as PyTorch's ReLU)."""
     mul = elemwise(node.outputs[0], theano.scalar.Mul)
-    if not (rewrites.cpu_graph() and mul and len(mul.inputs) == 2):
+    if not (mul and len(mul.inputs) == 2):
         return False
     for mask, gz in (mul.inputs, mul.inputs[::-1]):
         eq = elemwise(mask, theano.scalar.EQ)

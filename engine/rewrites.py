@@ -40,24 +40,32 @@ def cpu_graph():
     return bool(theano.config.cxx) and not (gpu_types and None in gpu_types.list_contexts())
 
 
+def elemwise(var, scalar_op):
+    """var's node if it is an elementwise op of that scalar op class, else None."""
+    node = var.owner
+    if node and isinstance(node.op, theano.tensor.Elemwise) and isinstance(node.op.scalar_op, scalar_op):
+        return node
+    return None
+
+
 def register(name, optimizer, position, *tags):
     """An optimizer of ours in Theano's optdb at that position, in fast_run and under TAG."""
     optdb.register(name, optimizer, position, 'fast_run', TAG, *tags)
 
 
 def register_as_built(local_optimizer):
-    """A local optimizer of the AS_BUILT pass (a rewrite of the layers' own expressions).  What
-    it puts in keeps the stack trace of what it replaces (where the user's code built it), as
-    Theano's own rewrites keep it."""
+    """A local optimizer of the AS_BUILT pass (a rewrite of the layers' own expressions), tried
+    only on a graph for the CPU (cpu_graph).  What it puts in keeps the stack trace of what it
+    replaces (where the user's code built it), as Theano's own rewrites keep it."""
     transform = local_optimizer.transform
 
-    def keeping_stack_traces(node):
-        new = transform(node)
+    def on_the_cpu_keeping_stack_traces(node):
+        new = cpu_graph() and transform(node)
         if new:
             for old, var in (new.items() if isinstance(new, dict) else zip(node.outputs, new)):
                 copy_stack_trace(old, var)
         return new
-    local_optimizer.transform = keeping_stack_traces
+    local_optimizer.transform = on_the_cpu_keeping_stack_traces
     AS_BUILT.register(local_optimizer.__name__, local_optimizer, 'fast_run', TAG)
     return local_optimizer
 
