@@ -82,6 +82,8 @@ class KeyedBySource:
         return version
 
     def c_code_cache_version(self):
-        """Without a node (Theano's cache clean-up asks so): the digest of the op's module."""
-        source = inspect.getsource(sys.modules[type(self).__module__])
+        """Without a node (Theano's cache clean-up asks so): the digest of the op's module and of
+        the C sections it read (its C dict: the C is in engine/c/, not in the module)."""
+        module = sys.modules[type(self).__module__]
+        source = inspect.getsource(module) + repr(sorted(getattr(module, 'C', {}).items()))
         return ('module-source', hashlib.sha256(source.encode()).hexdigest()[:32])

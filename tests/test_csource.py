@@ -123,3 +123,11 @@ def test_an_edited_c_file_runs_and_a_broken_one_fails_the_next_run(tmp_path):
     kernel.write_text(published.replace('a < 0 ? 0 : a', 'a < 0 ? 0 : a +'))
     code, _, stderr = rows()
     assert code != 0 and 'Compilation failed' in stderr
+
+
+def test_without_a_node_the_key_follows_the_c_files_too(monkeypatch):
+    """Theano's cache clean-up asks for a version without a node: it must change with the C."""
+    op = cpuops.BiasReLU()
+    key = op.c_code_cache_version()
+    monkeypatch.setitem(cpuops.C, 'bias_relu', cpuops.C['bias_relu'] + ' ')
+    assert op.c_code_cache_version() != key
